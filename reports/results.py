@@ -1,0 +1,170 @@
+"""All result objects of one analysed series: the SR and one heatmap SC per source image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+
+from inference.prediction import Prediction
+from reports import codes
+from reports._source import check_source, positive_int
+from reports.sc import build_heatmap_sc
+from reports.sr import build_sr
+from reports.uids import derive_uid
+
+SR_SERIES_NUMBER_OFFSET = 7000
+SC_SERIES_NUMBER_OFFSET = 8000
+_MAX_IS = 2**31 - 1
+_MAX_LO = 64
+
+
+@dataclass(frozen=True)
+class ResultObjects:
+    """The DICOM objects breastcad sends back for one analysed series."""
+
+    sr: Dataset
+    heatmaps: list[Dataset]
+
+
+def _result_series_number(source: Dataset, offset: int) -> int:
+    """``offset`` + the source's SeriesNumber, so results sort beside their source."""
+    number = offset + (positive_int(source.get("SeriesNumber")) or 0)
+    return number if number <= _MAX_IS else offset
+
+
+def _check_text(name: str, value: str, limit: int | None = _MAX_LO) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{name} is longer than {limit} characters: {value!r}")
+    if "\\" in value:
+        raise ValueError(f"{name} must not contain a backslash: {value!r}")
+
+
+def _check_prediction(name: str, prediction: Prediction, reference: Prediction) -> None:
+    if not isinstance(prediction, Prediction):
+        raise ValueError(f"{name} is a {type(prediction).__name__}, not a Prediction")
+    for label in (prediction.label, *prediction.labels):
+        codes.class_concepts(label)
+    model = (prediction.model_name, prediction.model_version, prediction.model_sha256)
+    expected = (reference.model_name, reference.model_version, reference.model_sha256)
+    if model != expected:
+        raise ValueError(f"{name} comes from model {model}, series_prediction from {expected}")
+    if set(prediction.labels) != set(reference.labels):
+        raise ValueError(f"{name} has labels {prediction.labels}, series_prediction "
+                         f"{reference.labels}")
+    for label, value in prediction.probabilities.items():
+        if not np.isfinite(value) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name}: probability of {label!r} is {value}, not in [0, 1]")
+
+
+def _check_inputs(
+    sources: Sequence[Dataset],
+    images: Sequence[np.ndarray],
+    predictions: Sequence[Prediction],
+    series_prediction: Prediction,
+) -> None:
+    if len(sources) == 0:
+        raise ValueError("no source instances")
+    if not len(sources) == len(images) == len(predictions):
+        raise ValueError(f"{len(sources)} sources, {len(images)} images and "
+                         f"{len(predictions)} predictions: need one image and one prediction "
+                         "per source")
+    for index, source in enumerate(sources):
+        check_source(source, index)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        values = {str(source.get(keyword)) for source in sources}
+        if len(values) != 1:
+            raise ValueError(f"sources are not from one series: {len(values)} {keyword} values")
+    sop_uids = [str(source.SOPInstanceUID) for source in sources]
+    if len(set(sop_uids)) != len(sop_uids):
+        raise ValueError("the same SOPInstanceUID appears more than once in sources")
+    modalities = {str(source.Modality) for source in sources}
+    if len(modalities) != 1:
+        raise ValueError(f"sources have several Modality values: {sorted(modalities)}")
+    codes.procedure_reported(modalities.pop())
+
+    _check_prediction("series_prediction", series_prediction, series_prediction)
+    _check_text("model_name", series_prediction.model_name, limit=None)
+    _check_text("model_version", series_prediction.model_version, limit=None)
+    _check_text("model_sha256", series_prediction.model_sha256, limit=None)
+    for index, (source, image, prediction) in enumerate(
+        zip(sources, images, predictions, strict=True)
+    ):
+        _check_prediction(f"predictions[{index}]", prediction, series_prediction)
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+                or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", None)
+            raise ValueError(f"images[{index}] must be a uint8 (H, W, 3) array, got {dtype} "
+                             f"{shape}")
+        # A slide's Rows/Columns are one tile; its display image is a thumbnail of any size.
+        if source.Modality != "SM":
+            expected = (source.get("Rows"), source.get("Columns"))
+            if (image.shape[0], image.shape[1]) != expected:
+                raise ValueError(f"images[{index}] is {image.shape[0]}x{image.shape[1]}, "
+                                 f"its source is {expected[0]}x{expected[1]} (Rows x Columns)")
+
+
+def build_results(
+    sources: Sequence[Dataset],
+    images: Sequence[np.ndarray],
+    predictions: Sequence[Prediction],
+    *,
+    series_prediction: Prediction,
+    manufacturer: str = "breastcad",
+    software_version: str,
+) -> ResultObjects:
+    """Build the SR and the heatmap SCs for one analysed series.
+
+    ``sources`` are the analysed instances of one series, ``images[i]`` the uint8 RGB display
+    image of ``sources[i]`` and ``predictions[i]`` its prediction; ``series_prediction`` is the
+    finding the SR reports for the series. Both objects go into new series of the source study.
+    Every UID is derived from the source SeriesInstanceUID, the model (name, version, sha256) and
+    a role, so building again gives the same UIDs. Raises ValueError for inconsistent inputs or
+    a class label or Modality without a code.
+    """
+    _check_inputs(sources, images, predictions, series_prediction)
+    _check_text("manufacturer", manufacturer)
+    _check_text("software_version", software_version)
+
+    first = sources[0]
+    model = (series_prediction.model_name, series_prediction.model_version,
+             series_prediction.model_sha256)
+
+    def uid(role: str) -> str:
+        return derive_uid(str(first.SeriesInstanceUID), *model, role)
+
+    sr = build_sr(
+        sources,
+        series_prediction,
+        series_instance_uid=uid("sr-series"),
+        series_number=_result_series_number(first, SR_SERIES_NUMBER_OFFSET),
+        sop_instance_uid=uid("sr-instance"),
+        tracking_uid=uid("sr-tracking"),
+        device_observer_uid=derive_uid("device-observer", manufacturer,
+                                       series_prediction.model_name),
+        manufacturer=manufacturer,
+        software_version=software_version,
+    )
+    sc_series_uid = uid("sc-series")
+    sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)
+    heatmaps: list[Dataset] = []
+    for index, (source, image, prediction) in enumerate(
+        zip(sources, images, predictions, strict=True)
+    ):
+        heatmaps.append(build_heatmap_sc(
+            source,
+            image,
+            prediction,
+            series_instance_uid=sc_series_uid,
+            series_number=sc_series_number,
+            sop_instance_uid=uid(f"sc-instance-{source.SOPInstanceUID}"),
+            instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
+            manufacturer=manufacturer,
+            software_version=software_version,
+        ))
+    return ResultObjects(sr=sr, heatmaps=heatmaps)

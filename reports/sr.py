@@ -1,0 +1,147 @@
+"""The TID 1500 Measurement Report (Comprehensive 3D SR) of a series' AI finding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+
+from inference.prediction import Prediction
+from reports import codes
+from reports._source import laterality, reference_view
+
+SR_SERIES_DESCRIPTION = "breastcad AI findings"
+DEVICE_OBSERVER_NAME = "breastcad"
+TRACKING_IDENTIFIER = "breastcad series finding"
+
+_PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+_CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})
+
+
+def _library_entry_ok(view: Dataset) -> bool:
+    """Whether highdicom's TID 1601 image library entry can describe this image.
+
+    Projection images need PatientOrientation and ImagerPixelSpacing, cross-sectional ones a
+    plane geometry we never see here; an image without them is still referenced by the
+    measurement group and the evidence sequence.
+    """
+    if not (view.get("Rows") and view.get("Columns")):
+        return False
+    modality = view.get("Modality")
+    if modality in _CROSS_SECTIONAL_MODALITIES:
+        return False
+    if modality in _PROJECTION_MODALITIES:
+        orientation = view.get("PatientOrientation")
+        spacing = view.get("ImagerPixelSpacing")
+        return (orientation is not None and not isinstance(orientation, str)
+                and len(orientation) == 2 and spacing is not None and len(spacing) == 2)
+    return True
+
+
+def _finding_site(sources: Sequence[Dataset]) -> hd.sr.FindingSite:
+    sides = {laterality(source) for source in sources}
+    side = sides.pop() if len(sides) == 1 else None
+    return hd.sr.FindingSite(
+        anatomic_location=codes.BREAST,
+        laterality={"R": codes.RIGHT, "L": codes.LEFT}.get(side or ""),
+    )
+
+
+def _measurements(prediction: Prediction) -> list[hd.sr.Measurement]:
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.class_concepts(label).probability,
+            value=float(prediction.probabilities[label]),
+            unit=codes.NO_UNITS,
+        )
+        for label in prediction.labels
+    ]
+    if prediction.ood_score is not None:
+        measurements.append(
+            hd.sr.Measurement(name=codes.OOD_SCORE, value=float(prediction.ood_score),
+                              unit=codes.NO_UNITS)
+        )
+    return measurements
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    series_prediction: Prediction,
+    *,
+    series_instance_uid: str,
+    series_number: int,
+    sop_instance_uid: str,
+    tracking_uid: str,
+    device_observer_uid: str,
+    manufacturer: str,
+    software_version: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR with one TID 1501 measurement group for ``series_prediction``.
+
+    The group holds: tracking identifier, the finding (the coded predicted class), finding site
+    breast (with laterality when all sources agree), the algorithm (TID 4019: name, version, and
+    ``sha256=<model_sha256>`` as its parameter), the probability of every class (99BCAD codes,
+    UCUM "1"), the OOD score if any, whether the image was assessable, and every source image.
+    """
+    views = [reference_view(source) for source in sources]
+    modality = str(views[0].Modality)
+    concepts = codes.class_concepts(series_prediction.label)
+
+    observer = hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid,
+            name=DEVICE_OBSERVER_NAME,
+            manufacturer_name=manufacturer,
+            model_name=series_prediction.model_name,
+        ),
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=series_prediction.model_name,
+        version=series_prediction.model_version,
+        parameters=[f"sha256={series_prediction.model_sha256}"],
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=TRACKING_IDENTIFIER
+        ),
+        finding_type=concepts.finding,
+        algorithm_id=algorithm,
+        finding_sites=[_finding_site(sources)],
+        measurements=_measurements(series_prediction),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.ASSESSABLE,
+                value=codes.NO if series_prediction.not_assessable else codes.YES,
+            )
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=view.SOPClassUID,
+                referenced_sop_instance_uid=view.SOPInstanceUID,
+            )
+            for view in views
+        ],
+    )
+    library = [view for view in views if _library_entry_ok(view)]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.procedure_reported(modality),
+        imaging_measurements=[group],
+        referenced_images=library if len(library) == len(views) else None,
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=views,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=True,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name="breastcad",
+        software_versions=software_version,
+        coding_schemes=[codes.private_coding_scheme()],
+    )

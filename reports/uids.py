@@ -1,0 +1,30 @@
+"""Deterministic DICOM UIDs for result objects."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+# A fixed namespace for breastcad's name-based UUIDs. Never change it: every UID ever derived
+# (and every copy a PACS holds) depends on it.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:breastcad:dicom-uid")
+
+
+def derive_uid(*parts: str) -> str:
+    """Return a DICOM UID that depends only on ``parts``.
+
+    The UID is ``2.25.<decimal UUID>`` (DICOM PS3.5 B.2) of a name-based (SHA-1, version 5)
+    UUID of the parts. The parts are serialised unambiguously, so ``("ab", "c")`` and
+    ``("a", "bc")`` give different UIDs. Same parts, same UID, on any machine.
+
+    Note: ``pydicom.uid.generate_uid(prefix=None, entropy_srcs=...)`` ignores ``entropy_srcs``
+    and returns a random UID, and with a prefix it joins the parts without a separator; neither
+    is usable here.
+    """
+    if not parts:
+        raise ValueError("derive_uid needs at least one part")
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"derive_uid parts must be str, got {type(part).__name__}")
+    name = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
+    return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
