@@ -1,0 +1,57 @@
+"""Shared fixtures. Puts ``tests/`` on sys.path so tests can ``import support``.
+
+Failure logs: when a test fails, every fixture value it uses that has a ``log_tail()`` method
+(OrthancServer, and any process wrapper following the same convention) gets its log tail
+attached to the failure report as a section named ``log of fixture <name>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from support.orthanc import OrthancServer, require_orthanc  # noqa: E402
+from support.shared_data import require_shared_data  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        for name, value in funcargs.items():
+            log_tail = getattr(value, "log_tail", None)
+            if callable(log_tail):
+                report.sections.append((f"log of fixture {name}", str(log_tail(200))))
+    return report
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data directory (BUSI, dicom-samples, ...); skips when absent."""
+    return require_shared_data()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A fresh private Orthanc (AET ORTHANC) for one test; its folder and log in tmp_path."""
+    require_orthanc()
+    with OrthancServer(workdir=tmp_path / "orthanc") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def orthanc_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """One private Orthanc shared by a test module (call ``.clear()`` to empty it)."""
+    require_orthanc()
+    with OrthancServer(workdir=tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
