@@ -99,14 +99,17 @@ def build_heatmap_sc(
         issuer = source.get("IssuerOfTheContainerIdentifierSequence")
         if issuer:
             sc.IssuerOfTheContainerIdentifierSequence = copy.deepcopy(issuer)
+        # dciodvfy: a slide image has no Laterality, and an empty PatientOrientation (Type 2C).
+        sc.PatientOrientation = []
     else:
         if orientation is None:
-            sc.PatientOrientation = []  # Type 2: present, empty
+            sc.PatientOrientation = []  # Type 2C: present, empty
         elif not single_letters:
             sc.PatientOrientation = list(orientation)
-    if side is None:
-        # General Series Laterality is Type 2C; an empty value says "unknown".
-        sc.Laterality = ""
+        if side is None:
+            # General Series Laterality is Type 2C; an empty value says "unknown" (absent is an
+            # error for dciodvfy, empty a warning).
+            sc.Laterality = ""
     sc.BurnedInAnnotation = "YES"
     sc.SourceImageSequence = [_source_image_item(source)]
     sc.DerivationDescription = (

@@ -9,7 +9,7 @@ from pydicom import Dataset
 
 from inference.prediction import Prediction
 from reports import codes
-from reports._source import laterality, reference_view
+from reports._source import copy_patient_study, laterality, reference_view
 
 SR_SERIES_DESCRIPTION = "breastcad AI findings"
 DEVICE_OBSERVER_NAME = "breastcad"
@@ -85,6 +85,13 @@ def build_sr(
     UCUM "1"), the OOD score if any, whether the image was assessable, and every source image.
     """
     views = [reference_view(source) for source in sources]
+    # highdicom would pass the evidence's names through its person-name check, which rejects
+    # nothing but warns with the name in the message (a patient name in the logs); the names are
+    # copied verbatim after construction instead.
+    evidence = [reference_view(source) for source in sources]
+    for view in evidence:
+        view.PatientName = None
+        view.ReferringPhysicianName = None
     modality = str(views[0].Modality)
     concepts = codes.class_concepts(series_prediction.label)
 
@@ -131,8 +138,8 @@ def build_sr(
         imaging_measurements=[group],
         referenced_images=library if len(library) == len(views) else None,
     )
-    return hd.sr.Comprehensive3DSR(
-        evidence=views,
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -145,3 +152,5 @@ def build_sr(
         software_versions=software_version,
         coding_schemes=[codes.private_coding_scheme()],
     )
+    copy_patient_study(sr, sources[0])
+    return sr
