@@ -1,0 +1,275 @@
+"""The ``breastcad`` command: serve, worker, predict, models, deliveries.
+
+The CLI composes the processes, so it is the one place in ``dicom_node`` that imports ``workers``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dicom_node.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    help="breastcad: AI analysis of breast images as a DICOM node.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+deliveries_app = typer.Typer(help="Inspect and retry deliveries of results to destinations.")
+app.add_typer(deliveries_app, name="deliveries")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML configuration file (default: $BREASTCAD_CONFIG, else built-in defaults).",
+    ),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"breastcad: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: DICOM listener, REST API, dispatcher and (embedded) worker, in one process."""
+    import uvicorn
+
+    from dicom_node.api import create_api
+    from dicom_node.db import StateDB
+    from dicom_node.dispatch import Dispatcher
+    from dicom_node.scp import StorageSCP
+    from dicom_node.store import InstanceStore
+    from workers.app import BreastcadCelery, EmbeddedWorker
+
+    settings = _settings(config)
+    _logging(settings.log_level)
+    log = logging.getLogger("breastcad")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    db = StateDB(settings.sqlalchemy_url)
+    store = InstanceStore(settings.store_dir, db)
+    celery = BreastcadCelery(settings, db)
+    dispatcher = Dispatcher(
+        settings, db, celery.send_job, celery.send_delivery, queue_depth=celery.queue_depth
+    )
+    worker: EmbeddedWorker | None = None
+    if settings.embedded_worker:
+        _torch_threads(settings.torch_threads)
+        worker = EmbeddedWorker(celery, concurrency=settings.worker_concurrency)
+    scp = StorageSCP(settings, store)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_api(settings, db),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level=settings.log_level.lower(),
+        )
+    )
+    try:
+        scp.start()
+    except OSError as exc:
+        typer.echo(f"breastcad: cannot listen on DICOM port {settings.dicom_port}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if worker is not None:
+        worker.start()
+    dispatcher.start()
+    log.info(
+        "breastcad serving: DICOM %s:%d, API http://%s:%d, broker %s, worker %s",
+        settings.ae_title,
+        settings.dicom_port,
+        settings.api_host,
+        settings.api_port,
+        "redis" if settings.distributed else "embedded",
+        "in-process" if worker is not None else "external",
+    )
+    try:
+        server.run()
+    finally:
+        log.info("shutting down")
+        scp.stop()
+        dispatcher.stop()
+        if worker is not None:
+            worker.stop()
+        db.dispose()
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run a Celery worker only (the distributed layout: needs broker_url)."""
+    from dicom_node.db import StateDB
+    from workers.app import BreastcadCelery, run_worker
+
+    settings = _settings(config)
+    if settings.broker_url is None:
+        typer.echo(
+            "breastcad worker: broker_url is null (embedded broker); a separate worker needs a "
+            "shared broker such as redis://host:6379/0",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _logging(settings.log_level)
+    _torch_threads(settings.torch_threads)
+    db = StateDB(settings.sqlalchemy_url)
+    run_worker(BreastcadCelery(settings, db), settings.worker_concurrency, settings.log_level)
+
+
+@app.command()
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files.")],
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="One JSON object per file and line.")
+    ] = False,
+    modality: Annotated[
+        str | None,
+        typer.Option(help="Modality of non-DICOM images (US, MG, SM); DICOM files say theirs."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the heatmap PNGs.")] = Path("heatmaps"),
+) -> None:
+    """Classify images with the bundled models and write a heatmap PNG for each."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from inference import (
+        Classifier,
+        ModelNotAvailableError,
+        image_from_dataset,
+        image_from_file,
+        load_bundled,
+    )
+    from reports import overlay_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    models: dict[str, Classifier] = {}
+    failures = 0
+    for path in files:
+        record: dict[str, object] = {"file": str(path)}
+        try:
+            try:
+                ds = dcmread(path)
+                file_modality = str(ds.get("Modality", "")).strip() or (modality or "")
+                image = image_from_dataset(ds)
+            except InvalidDicomError:
+                file_modality = (modality or "US").upper()
+                image = image_from_file(path)
+            if file_modality not in models:
+                models[file_modality] = load_bundled(file_modality)
+            prediction = models[file_modality].predict(image)
+        except (ValueError, OSError, ModelNotAvailableError) as exc:
+            failures += 1
+            record["error"] = str(exc)
+            if json_lines:
+                typer.echo(json.dumps(record))
+            else:
+                typer.echo(f"{path}: error: {exc}", err=True)
+            continue
+        heatmap = out / f"{path.stem}.heatmap.png"
+        heatmap.write_bytes(overlay_png(image, prediction))
+        record.update(
+            {
+                "modality": file_modality,
+                "label": prediction.label,
+                "probabilities": {k: round(v, 6) for k, v in prediction.probabilities.items()},
+                "model": prediction.model_name,
+                "model_version": prediction.model_version,
+                "heatmap": str(heatmap),
+            }
+        )
+        if json_lines:
+            typer.echo(json.dumps(record))
+        else:
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in prediction.probabilities.items())
+            typer.echo(f"{path}: {prediction.label} ({probs}) heatmap {heatmap}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the cards as JSON.")] = False,
+) -> None:
+    """List the bundled models and their cards."""
+    from inference import bundled_cards
+
+    cards = bundled_cards()
+    if json_out:
+        typer.echo(json.dumps([card.data for card in cards], indent=2))
+        return
+    for card in cards:
+        metrics = card.data.get("metrics", {})
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, int | float))
+        typer.echo(
+            f"{card.modality}: {card.name} {card.version} ({card.architecture}, "
+            f"{card.input_size}px, labels {', '.join(card.labels)})"
+        )
+        typer.echo(f"    sha256 {card.sha256}")
+        if shown:
+            typer.echo(f"    test split: {shown}")
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="pending, sending, done or failed")] = None,
+) -> None:
+    """List deliveries, newest first."""
+    from sqlalchemy import select
+
+    from dicom_node.db import Delivery, StateDB
+
+    settings = _settings(config)
+    db = StateDB(settings.sqlalchemy_url)
+    with db.session() as session:
+        query = select(Delivery).order_by(Delivery.id.desc())
+        if state:
+            query = query.where(Delivery.state == state)
+        for d in session.scalars(query).all():
+            typer.echo(
+                f"{d.id}\tresult {d.result_id}\t{d.destination}\t{d.state}\t"
+                f"attempts {d.attempts}\t{d.last_error or ''}"
+            )
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(
+    delivery_id: Annotated[int, typer.Argument(help="The delivery to send again.")],
+    config: ConfigOption = None,
+) -> None:
+    """Make a failed delivery due again; the running node sends it."""
+    from dicom_node.db import StateDB
+    from dicom_node.dispatch import retry_delivery
+
+    settings = _settings(config)
+    if not retry_delivery(StateDB(settings.sqlalchemy_url), delivery_id):
+        typer.echo(f"delivery {delivery_id} not found or not failed/pending", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"delivery {delivery_id} will be sent again")
+
+
+if __name__ == "__main__":
+    app()

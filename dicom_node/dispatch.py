@@ -1,0 +1,245 @@
+"""Series completion and the resumable queue, driven from the state DB.
+
+One loop in the node process:
+- a series quiet for ``series_quiet_seconds`` becomes complete: a job row is written first, and only
+  then is the Celery message sent, so a lost message can always be re-sent from the row;
+- queued jobs whose message is gone (the broker restarted and lost it) are sent again;
+- running jobs whose worker vanished are re-queued, or failed after ``job_max_attempts``;
+- deliveries that are due (first attempt or a retry after back-off) are sent to a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from dicom_node.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    StateDB,
+    changed_rows,
+    utcnow,
+)
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[int], None]
+DepthFn = Callable[[], int | None]
+
+
+class Dispatcher:
+    """Turns DB rows into broker messages; safe to run again after any crash."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: StateDB,
+        send_job: SendFn,
+        send_delivery: SendFn,
+        queue_depth: DepthFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.send_job = send_job
+        self.send_delivery = send_delivery
+        self.queue_depth = queue_depth
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.dispatch_interval_seconds):
+            self.tick()
+
+    def tick(self) -> None:
+        """One pass of every duty; errors of one pass are logged and retried next pass."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            self.complete_quiet_series()
+            self.send_pending_jobs()
+            self.resend_lost_jobs()
+            self.send_due_deliveries()
+        except SQLAlchemyError as exc:
+            log.error("dispatcher pass failed, retrying: %s", exc)
+        except OSError as exc:  # broker connection errors surface as OSError subclasses
+            log.error("broker unavailable, retrying: %s", exc)
+
+    def recover(self) -> None:
+        """At start-up: with the embedded (in-memory) broker every queued message died with the
+        previous process, and so did any running task; put them back to pending."""
+        if self.settings.distributed:
+            return
+        with self.db.session() as session:
+            requeued = changed_rows(
+                session,
+                update(Job)
+                .where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                .values(state=JobState.PENDING),
+            )
+            redelivered = changed_rows(
+                session,
+                update(Delivery)
+                .where(Delivery.state == DeliveryState.SENDING)
+                .values(state=DeliveryState.PENDING, dispatched_at=None),
+            )
+            changed_rows(
+                session,
+                update(Delivery)
+                .where(Delivery.state == DeliveryState.PENDING)
+                .values(dispatched_at=None),
+            )
+        if requeued or redelivered:
+            log.info(
+                "recovered %d job(s) and %d delivery(ies) after restart", requeued, redelivered
+            )
+
+    # -- duties ----------------------------------------------------------------------------
+    def complete_quiet_series(self) -> list[int]:
+        cutoff = utcnow() - timedelta(seconds=self.settings.series_quiet_seconds)
+        created: list[int] = []
+        with self.db.session() as session:
+            quiet = session.scalars(
+                select(Series.series_instance_uid).where(
+                    Series.state == SeriesState.RECEIVING, Series.last_instance_at <= cutoff
+                )
+            ).all()
+        for uid in quiet:
+            with self.db.session() as session:
+                changed = changed_rows(
+                    session,
+                    update(Series)
+                    .where(
+                        Series.series_instance_uid == uid,
+                        Series.state == SeriesState.RECEIVING,
+                        Series.last_instance_at <= cutoff,
+                    )
+                    .values(state=SeriesState.COMPLETE),
+                )
+                if not changed:
+                    continue  # a new instance arrived meanwhile: still receiving
+                count = session.scalar(
+                    select(func.count())
+                    .select_from(Instance)
+                    .where(Instance.series_instance_uid == uid)
+                )
+                job = Job(series_instance_uid=uid, state=JobState.PENDING, instance_count=count)
+                session.add(job)
+                session.flush()
+                created.append(job.id)
+            log.info("series %s complete: job %d", uid, created[-1])
+        return created
+
+    def send_pending_jobs(self) -> None:
+        with self.db.session() as session:
+            pending = session.scalars(
+                select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.id)
+            ).all()
+        for job_id in pending:
+            self._send_job(job_id, from_states=(JobState.PENDING,))
+
+    def _send_job(self, job_id: int, from_states: tuple[JobState, ...]) -> None:
+        # the row is marked queued before the message leaves, so a crash in between leaves a
+        # queued job with no message, which resend_lost_jobs picks up
+        with self.db.session() as session:
+            changed = changed_rows(
+                session,
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(from_states))
+                .values(state=JobState.QUEUED, sent_at=utcnow()),
+            )
+        if changed:
+            self.send_job(job_id)
+
+    def resend_lost_jobs(self) -> None:
+        now = utcnow()
+        stale_sent = now - timedelta(seconds=self.settings.job_resend_seconds)
+        stale_running = now - timedelta(seconds=self.settings.job_timeout_seconds)
+        with self.db.session() as session:
+            lost_running = session.scalars(
+                select(Job).where(Job.state == JobState.RUNNING, Job.started_at <= stale_running)
+            ).all()
+            for job in lost_running:
+                if job.attempts >= self.settings.job_max_attempts:
+                    job.state = JobState.FAILED
+                    job.reason = (
+                        f"analysis did not finish in {self.settings.job_timeout_seconds:.0f} s "
+                        f"on any of {job.attempts} attempts (worker lost)"
+                    )
+                    job.finished_at = now
+                    log.error("job %d failed: %s", job.id, job.reason)
+                else:
+                    job.state = JobState.PENDING
+                    log.warning("job %d: worker lost, re-queued", job.id)
+            waiting = session.scalars(
+                select(Job.id).where(Job.state == JobState.QUEUED, Job.sent_at <= stale_sent)
+            ).all()
+        if not waiting:
+            return
+        depth = self.queue_depth() if self.queue_depth is not None else None
+        if depth is not None and depth > 0:
+            return  # messages are still waiting in the broker: nothing was lost
+        for job_id in waiting:
+            log.warning("job %d: its message was lost, sending it again", job_id)
+            self._send_job(job_id, from_states=(JobState.QUEUED,))
+
+    def send_due_deliveries(self) -> None:
+        now = utcnow()
+        redispatch = now - timedelta(seconds=self.settings.job_resend_seconds)
+        with self.db.session() as session:
+            due = session.scalars(
+                select(Delivery.id).where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= now,
+                    (Delivery.dispatched_at.is_(None)) | (Delivery.dispatched_at <= redispatch),
+                )
+            ).all()
+            for delivery_id in due:
+                changed_rows(
+                    session,
+                    update(Delivery).where(Delivery.id == delivery_id).values(dispatched_at=now),
+                )
+        for delivery_id in due:
+            self.send_delivery(delivery_id)
+
+
+def retry_delivery(db: StateDB, delivery_id: int) -> bool:
+    """Make a failed (or waiting) delivery due now, with a fresh round of attempts."""
+    now = utcnow()
+    with db.session() as session:
+        changed = changed_rows(
+            session,
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.state.in_([DeliveryState.FAILED, DeliveryState.PENDING]),
+            )
+            .values(
+                state=DeliveryState.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                dispatched_at=None,
+                updated_at=now,
+            ),
+        )
+    return bool(changed)

@@ -1,0 +1,67 @@
+"""The sender: C-STORE of result objects (and forwarded sources) to a destination PACS."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_node.settings import Destination
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    """The destination could not be reached or did not accept every object."""
+
+
+def send_files(
+    destination: Destination,
+    files: Sequence[Path],
+    *,
+    calling_ae: str,
+    timeout: float = 30.0,
+) -> None:
+    """Send every file in one association; raise DeliveryError unless all were stored."""
+    datasets = [dcmread(path) for path in files]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    for sop_class, transfer_syntax in sorted(pairs):
+        syntaxes = [transfer_syntax]
+        if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            syntaxes.append(ExplicitVRLittleEndian)
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(
+            f"association with {destination.ae_title}@{destination.host}:{destination.port} "
+            "was rejected, aborted or never connected"
+        )
+    failures: list[str] = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if "Status" in status else None
+            if code is None:
+                failures.append(f"{ds.SOPInstanceUID}: no response (connection lost or timeout)")
+            elif code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                failures.append(f"{ds.SOPInstanceUID}: status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if failures:
+        raise DeliveryError("; ".join(failures))
+    log.info(
+        "delivered %d object(s) to %s@%s:%d",
+        len(datasets),
+        destination.ae_title,
+        destination.host,
+        destination.port,
+    )

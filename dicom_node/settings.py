@@ -1,0 +1,182 @@
+"""The node's configuration: one typed object, read from a YAML file and BREASTCAD_* variables.
+
+Precedence (highest first): ``BREASTCAD_<KEY>`` environment variables for top-level keys, the YAML
+file named by ``--config`` or ``BREASTCAD_CONFIG``, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_ENV = "BREASTCAD_CONFIG"
+
+
+class Destination(BaseModel):
+    """A DICOM peer that receives results by C-STORE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(min_length=1, max_length=16)
+
+
+class RouteCondition(BaseModel):
+    """When a route applies; every given field must match (an empty condition matches all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] | None = None
+    calling_ae: list[str] | None = None
+    label: list[str] | None = None
+    probability_at_least: dict[str, float] | None = None
+    not_assessable: bool | None = None
+
+    @field_validator("modality", "calling_ae", "label", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        return value
+
+
+class Route(BaseModel):
+    """A routing rule: results matching ``when`` are sent to every destination in ``send_to``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    when: RouteCondition | None = None
+    send_to: list[str] = Field(min_length=1)
+
+
+class Settings(BaseSettings):
+    """Everything a breastcad process needs to know about its deployment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BREASTCAD_",
+        extra="forbid",
+        env_nested_delimiter=None,
+    )
+
+    ae_title: str = Field(default="BREASTCAD", min_length=1, max_length=16)
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path("./var")
+    broker_url: str | None = None
+    embedded_worker: bool = True
+    database_url: str | None = None
+    series_quiet_seconds: float = Field(default=5.0, ge=0)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    maximum_associations: int = Field(default=10, ge=1)
+    # decompression-bomb guard: a frame with more pixels than this is refused (0xC003)
+    max_frame_pixels: int = Field(default=100_000_000, ge=1)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=lambda: [])
+    # bounded retries for deliveries: attempt n waits delivery_backoff_seconds * 2**(n-1)
+    delivery_max_attempts: int = Field(default=5, ge=1)
+    delivery_backoff_seconds: float = Field(default=2.0, ge=0)
+    # an analysis that fails (or whose worker dies) this many times is marked failed
+    job_max_attempts: int = Field(default=3, ge=1)
+    # a queued job whose message has not started after this long is sent again
+    job_resend_seconds: float = Field(default=60.0, gt=0)
+    # a running job not finished after this long is considered lost (its worker died)
+    job_timeout_seconds: float = Field(default=900.0, gt=0)
+    dispatch_interval_seconds: float = Field(default=0.5, gt=0)
+    worker_concurrency: int = Field(default=1, ge=1)
+    torch_threads: int = Field(default=2, ge=1)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _routes_name_known_destinations(self) -> Settings:
+        for route in self.routes:
+            unknown = [name for name in route.send_to if name not in self.destinations]
+            if unknown:
+                raise ValueError(
+                    f"route sends to unknown destination(s) {unknown}; "
+                    f"configured destinations: {sorted(self.destinations)}"
+                )
+        return self
+
+    @field_validator("broker_url", "database_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in {"", "null", "none"}:
+            return None
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # environment variables beat the YAML file, which is passed as init kwargs
+        return (env_settings, init_settings)
+
+    @property
+    def distributed(self) -> bool:
+        return self.broker_url is not None
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The state DB URL: SQLite under data_dir unless database_url names another."""
+        if self.database_url is None:
+            return f"sqlite:///{(self.data_dir / 'state.db').resolve()}"
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url if self.broker_url is not None else "memory://"
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be read or does not validate."""
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (``config``, else $BREASTCAD_CONFIG, else none) and the environment."""
+    path = config
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {path} must hold a mapping of keys")
+        data = loaded
+    data.update(overrides)
+    return Settings(**data)

@@ -1,0 +1,238 @@
+"""The instance store: a received instance is durable (file fsync'd and renamed, row committed)
+before anyone is told it was stored; a duplicate SOP Instance is stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dicom_node.db import Instance, Series, SeriesState, StateDB, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class StoreWriteError(OSError):
+    """The store could not write (disk full, permissions, I/O error): DICOM 0xA700."""
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    """The identity of a received instance, checked before anything is written."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    path: Path
+    duplicate: bool
+
+
+def _safe_component(uid: str) -> str:
+    # UIDs are digits and dots; anything else is refused before it reaches a path
+    if not uid or len(uid) > 64 or any(c not in "0123456789." for c in uid):
+        raise ValueError(f"not a valid UID: {uid!r}")
+    return uid
+
+
+class InstanceStore:
+    """Files under ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
+
+    def __init__(self, root: Path, db: StateDB) -> None:
+        self.root = root
+        self.db = db
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def relative_path(self, key: InstanceKey) -> Path:
+        return (
+            Path(_safe_component(key.study_instance_uid))
+            / _safe_component(key.series_instance_uid)
+            / f"{_safe_component(key.sop_instance_uid)}.dcm"
+        )
+
+    def path_of(self, relative: str | Path) -> Path:
+        return self.root / relative
+
+    def exists(self, sop_instance_uid: str) -> bool:
+        with self.db.session() as session:
+            row = session.get(Instance, sop_instance_uid)
+            return row is not None and (self.root / row.path).exists()
+
+    def store(
+        self, key: InstanceKey, encoded: bytes, dataset: Dataset, calling_ae: str | None
+    ) -> StoreOutcome:
+        """Write ``encoded`` (a Part 10 file) durably and record it; idempotent per SOP UID.
+
+        Raises StoreWriteError when the file or its row cannot be written; then nothing of this
+        instance is left behind.
+        """
+        relative = self.relative_path(key)
+        if self.exists(key.sop_instance_uid):
+            self._touch_series(key)
+            return StoreOutcome(self.root / relative, duplicate=True)
+        final = self.root / relative
+        self._write_durably(final, encoded)
+        try:
+            duplicate = self._record(key, relative, len(encoded), dataset, calling_ae)
+        except (SQLAlchemyError, StoreWriteError) as exc:
+            # the file must not outlive a failed row: remove it, unless an earlier copy is known
+            if not self.exists(key.sop_instance_uid):
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+            raise StoreWriteError(f"state DB refused the instance row: {exc}") from exc
+        return StoreOutcome(final, duplicate=duplicate)
+
+    def _write_durably(self, final: Path, data: bytes) -> None:
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._write_file(tmp, data)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreWriteError(f"cannot write {final.name}: {exc.strerror or exc}") from exc
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _record(
+        self,
+        key: InstanceKey,
+        relative: Path,
+        size: int,
+        dataset: Dataset,
+        calling_ae: str | None,
+    ) -> bool:
+        for _ in range(5):
+            now = utcnow()
+            try:
+                with self.db.session() as session:
+                    self._upsert_study(session, key, dataset)
+                    self._upsert_series(session, key, dataset, calling_ae, now)
+                    session.add(
+                        Instance(
+                            sop_instance_uid=key.sop_instance_uid,
+                            sop_class_uid=key.sop_class_uid,
+                            series_instance_uid=key.series_instance_uid,
+                            study_instance_uid=key.study_instance_uid,
+                            instance_number=_int_or_none(dataset.get("InstanceNumber")),
+                            transfer_syntax_uid=key.transfer_syntax_uid,
+                            path=str(relative),
+                            size=size,
+                            calling_ae=calling_ae,
+                            received_at=now,
+                        )
+                    )
+                return False
+            except IntegrityError:
+                # another association inserted the same study, series or instance meanwhile
+                with self.db.session() as session:
+                    if session.get(Instance, key.sop_instance_uid) is not None:
+                        return True  # the same instance arrived concurrently: stored once
+        raise StoreWriteError("could not record the instance after repeated conflicts")
+
+    def _upsert_study(self, session: Session, key: InstanceKey, dataset: Dataset) -> None:
+        if session.get(Study, key.study_instance_uid) is None:
+            session.add(
+                Study(
+                    study_instance_uid=key.study_instance_uid,
+                    patient_id=_str_or_none(dataset.get("PatientID")),
+                    accession_number=_str_or_none(dataset.get("AccessionNumber")),
+                    study_date=_str_or_none(dataset.get("StudyDate")),
+                    study_description=_str_or_none(dataset.get("StudyDescription")),
+                )
+            )
+            session.flush()
+
+    def _upsert_series(
+        self,
+        session: Session,
+        key: InstanceKey,
+        dataset: Dataset,
+        calling_ae: str | None,
+        now: datetime,
+    ) -> None:
+        series = session.get(Series, key.series_instance_uid)
+        if series is None:
+            session.add(
+                Series(
+                    series_instance_uid=key.series_instance_uid,
+                    study_instance_uid=key.study_instance_uid,
+                    modality=_str_or_none(dataset.get("Modality")),
+                    calling_ae=calling_ae,
+                    state=SeriesState.RECEIVING,
+                    first_instance_at=now,
+                    last_instance_at=now,
+                )
+            )
+            session.flush()
+        else:
+            # a late instance re-opens a completed series: it is analysed again after the quiet
+            # period, and the new result is a new SR
+            series.state = SeriesState.RECEIVING
+            series.last_instance_at = utcnow()
+
+    def _touch_series(self, key: InstanceKey) -> None:
+        """A duplicate keeps its series open only while it is still receiving."""
+        with self.db.session() as session:
+            series = session.get(Series, key.series_instance_uid)
+            if series is not None and series.state == SeriesState.RECEIVING:
+                series.last_instance_at = utcnow()
+
+    def instances_of_series(self, series_instance_uid: str) -> list[Instance]:
+        with self.db.session() as session:
+            rows = session.scalars(
+                select(Instance)
+                .where(Instance.series_instance_uid == series_instance_uid)
+                .order_by(Instance.instance_number, Instance.received_at)
+            ).all()
+            return list(rows)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int_or_none(value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        return None

@@ -1,0 +1,343 @@
+"""The work a Celery worker does: analyse a completed series, deliver a result.
+
+Both tasks are idempotent: each first claims its row with a conditional UPDATE, so a message that
+arrives twice (a re-sent job, a redelivered task) does the work once; results have deterministic
+UIDs, so a retried analysis produces the same SR and SC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select, update
+
+from dicom_node.db import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Series,
+    StateDB,
+    changed_rows,
+    utcnow,
+)
+from dicom_node.scu import DeliveryError, send_files
+from dicom_node.settings import Settings
+from inference import (
+    Classifier,
+    ModelNotAvailableError,
+    Prediction,
+    image_from_dataset,
+    load_bundled,
+)
+from reports import build_results, overlay_png
+from workers.routing import ResultFacts, select_destinations
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "0.1.0"
+
+
+class AnalysisFailed(RuntimeError):
+    """The series cannot be analysed; the reason is stored on the job row."""
+
+
+@dataclass
+class WorkerContext:
+    """What the tasks of one worker process share: settings, the DB, loaded models."""
+
+    settings: Settings
+    db: StateDB
+    send_delivery: Callable[[int], None]
+
+    def __post_init__(self) -> None:
+        self._models: dict[str, Classifier] = {}
+        self._lock = threading.Lock()
+
+    def classifier(self, modality: str) -> Classifier:
+        with self._lock:
+            if modality not in self._models:
+                self._models[modality] = load_bundled(modality)
+            return self._models[modality]
+
+
+# -- analysis -------------------------------------------------------------------------------
+
+
+def analyse(ctx: WorkerContext, job_id: int) -> str:
+    """Analyse the series of job ``job_id``; returns the job's final state."""
+    now = utcnow()
+    with ctx.db.session() as session:
+        claimed = changed_rows(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+            .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=now),
+        )
+        job = session.get(Job, job_id)
+    if not claimed or job is None:
+        log.info("job %s already taken or finished; message ignored", job_id)
+        return job.state if job is not None else "missing"
+    if job.attempts > ctx.settings.job_max_attempts:
+        return _finish_job(
+            ctx, job_id, JobState.FAILED, f"gave up after {job.attempts - 1} attempts"
+        )
+    try:
+        result_id, delivery_ids = _analyse_series(ctx, job)
+    except AnalysisFailed as exc:
+        log.warning("job %d failed: %s", job_id, exc)
+        return _finish_job(ctx, job_id, JobState.FAILED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - the task boundary: any error becomes the job's reason
+        log.exception("job %d: unexpected error", job_id)
+        if job.attempts < ctx.settings.job_max_attempts:
+            with ctx.db.session() as session:
+                changed_rows(
+                    session,
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(state=JobState.PENDING, reason=f"{type(exc).__name__}: {exc}"),
+                )
+            return JobState.PENDING
+        return _finish_job(ctx, job_id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+    log.info("job %d done: result %d, %d delivery(ies)", job_id, result_id, len(delivery_ids))
+    for delivery_id in delivery_ids:
+        ctx.send_delivery(delivery_id)
+    return JobState.DONE
+
+
+def _finish_job(ctx: WorkerContext, job_id: int, state: JobState, reason: str | None) -> str:
+    with ctx.db.session() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state=state, reason=reason, finished_at=utcnow())
+        )
+    return state
+
+
+def _load_datasets(ctx: WorkerContext, series_uid: str) -> tuple[list[Dataset], Series]:
+    with ctx.db.session() as session:
+        series = session.get(Series, series_uid)
+        rows = session.scalars(
+            select(Instance)
+            .where(Instance.series_instance_uid == series_uid)
+            .order_by(Instance.instance_number, Instance.received_at)
+        ).all()
+    if series is None or not rows:
+        raise AnalysisFailed(f"series {series_uid} has no stored instances")
+    datasets: list[Dataset] = []
+    for row in rows:
+        path = ctx.settings.store_dir / row.path
+        try:
+            datasets.append(dcmread(path))
+        except (OSError, InvalidDicomError) as exc:
+            raise AnalysisFailed(
+                f"cannot read stored instance {row.sop_instance_uid}: {exc}"
+            ) from exc
+    return datasets, series
+
+
+def aggregate(predictions: Sequence[Prediction]) -> Prediction:
+    """The series finding: mean class probabilities; the heatmap of its most confident image."""
+    if len(predictions) == 1:
+        return predictions[0]
+    first = predictions[0]
+    mean = {
+        label: float(np.mean([p.probabilities[label] for p in predictions]))
+        for label in first.labels
+    }
+    label = max(mean, key=lambda name: mean[name])
+    best = max(predictions, key=lambda p: p.probabilities[label])
+    return Prediction(
+        modality=first.modality,
+        label=label,
+        labels=first.labels,
+        probabilities=mean,
+        model_name=first.model_name,
+        model_version=first.model_version,
+        model_sha256=first.model_sha256,
+        heatmap=best.heatmap,
+        embedding=np.mean([p.embedding for p in predictions], axis=0).astype(np.float32),
+        ood_score=max((p.ood_score for p in predictions if p.ood_score is not None), default=None),
+        not_assessable=all(p.not_assessable for p in predictions),
+    )
+
+
+def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
+    datasets, series = _load_datasets(ctx, job.series_instance_uid)
+    modality = str(datasets[0].get("Modality", "")).strip() or (series.modality or "")
+    try:
+        classifier = ctx.classifier(modality)
+    except ModelNotAvailableError as exc:
+        raise AnalysisFailed(str(exc)) from exc
+    images: list[np.ndarray] = []
+    for ds in datasets:
+        try:
+            images.append(image_from_dataset(ds, frame=0))
+        except ValueError as exc:
+            raise AnalysisFailed(
+                f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"
+            ) from exc
+    predictions = [classifier.predict(image) for image in images]
+    series_prediction = aggregate(predictions)
+    objects = build_results(
+        datasets,
+        images,
+        predictions,
+        series_prediction=series_prediction,
+        software_version=SOFTWARE_VERSION,
+    )
+    folder = Path(f"job-{job.id}")
+    out = ctx.settings.results_dir / folder
+    out.mkdir(parents=True, exist_ok=True)
+    sr_name = folder / "sr.dcm"
+    objects.sr.save_as(ctx.settings.results_dir / sr_name, enforce_file_format=True)
+    sc_names: list[str] = []
+    png_names: list[str] = []
+    for index, (sc, image, prediction) in enumerate(
+        zip(objects.heatmaps, images, predictions, strict=True), start=1
+    ):
+        sc_name = folder / f"sc-{index}.dcm"
+        sc.save_as(ctx.settings.results_dir / sc_name, enforce_file_format=True)
+        png_name = folder / f"heatmap-{index}.png"
+        (ctx.settings.results_dir / png_name).write_bytes(overlay_png(image, prediction))
+        sc_names.append(str(sc_name))
+        png_names.append(str(png_name))
+
+    facts = ResultFacts(
+        modality=modality,
+        calling_ae=series.calling_ae,
+        label=series_prediction.label,
+        probabilities=series_prediction.probabilities,
+        not_assessable=series_prediction.not_assessable,
+    )
+    destinations = select_destinations(ctx.settings.routes, facts)
+    now = utcnow()
+    with ctx.db.session() as session:
+        result = Result(
+            job_id=job.id,
+            series_instance_uid=job.series_instance_uid,
+            study_instance_uid=str(datasets[0].StudyInstanceUID),
+            modality=modality,
+            label=series_prediction.label,
+            probability=series_prediction.probability,
+            probabilities=dict(series_prediction.probabilities),
+            not_assessable=series_prediction.not_assessable,
+            model_name=series_prediction.model_name,
+            model_version=series_prediction.model_version,
+            model_sha256=series_prediction.model_sha256,
+            sr_sop_instance_uid=str(objects.sr.SOPInstanceUID),
+            files={
+                "sr": str(sr_name),
+                "sc": sc_names,
+                "png": png_names,
+                "per_image": [
+                    {
+                        "sop_instance_uid": str(ds.SOPInstanceUID),
+                        "label": p.label,
+                        "probabilities": dict(p.probabilities),
+                    }
+                    for ds, p in zip(datasets, predictions, strict=True)
+                ],
+            },
+        )
+        session.add(result)
+        session.flush()
+        deliveries = [
+            Delivery(
+                result_id=result.id,
+                destination=name,
+                state=DeliveryState.PENDING,
+                next_attempt_at=now,
+                dispatched_at=now,
+            )
+            for name in destinations
+        ]
+        session.add_all(deliveries)
+        session.flush()
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(state=JobState.DONE, reason=None, finished_at=now)
+        )
+        return result.id, [d.id for d in deliveries]
+
+
+# -- delivery -------------------------------------------------------------------------------
+
+
+def deliver(ctx: WorkerContext, delivery_id: int) -> str:
+    """Send one result to one destination; schedules its retry with back-off on failure."""
+    now = utcnow()
+    with ctx.db.session() as session:
+        claimed = changed_rows(
+            session,
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+            .values(state=DeliveryState.SENDING, attempts=Delivery.attempts + 1, updated_at=now),
+        )
+        delivery = session.get(Delivery, delivery_id)
+        if not claimed or delivery is None:
+            return delivery.state if delivery is not None else "missing"
+        result = session.get(Result, delivery.result_id)
+        attempt = DeliveryAttempt(delivery_id=delivery_id, started_at=now)
+        session.add(attempt)
+        session.flush()
+        attempt_id = attempt.id
+    assert result is not None
+    destination = ctx.settings.destinations.get(delivery.destination)
+    error: str | None = None
+    if destination is None:
+        error = f"destination {delivery.destination!r} is no longer configured"
+    else:
+        files = [ctx.settings.results_dir / result.files["sr"]] + [
+            ctx.settings.results_dir / name for name in result.files["sc"]
+        ]
+        try:
+            send_files(destination, files, calling_ae=ctx.settings.ae_title)
+        except (DeliveryError, OSError) as exc:
+            error = str(exc) or type(exc).__name__
+    finished = utcnow()
+    with ctx.db.session() as session:
+        row = session.get(DeliveryAttempt, attempt_id)
+        assert row is not None
+        row.finished_at = finished
+        row.ok = error is None
+        row.error = error
+        current = session.get(Delivery, delivery_id)
+        assert current is not None
+        current.updated_at = finished
+        current.last_error = error
+        if error is None:
+            current.state = DeliveryState.DONE
+        elif destination is None or current.attempts >= ctx.settings.delivery_max_attempts:
+            current.state = DeliveryState.FAILED
+            log.error(
+                "delivery %d to %s failed for good: %s", delivery_id, current.destination, error
+            )
+        else:
+            backoff = ctx.settings.delivery_backoff_seconds * 2 ** (current.attempts - 1)
+            current.state = DeliveryState.PENDING
+            current.next_attempt_at = finished + timedelta(seconds=backoff)
+            current.dispatched_at = None
+            log.warning(
+                "delivery %d to %s failed (attempt %d), retry in %.1f s: %s",
+                delivery_id,
+                current.destination,
+                current.attempts,
+                backoff,
+                error,
+            )
+        return current.state
