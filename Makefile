@@ -1,0 +1,61 @@
+# breastcad: the two commands are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# re-install when pyproject.toml changes
+HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP_RUN  := $(VENV)/.installed-run-$(HASH)
+STAMP_TEST := $(VENV)/.installed-test-$(HASH)
+APT_PACKAGES := orthanc dcmtk dicom3tools
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint typecheck install install-test system-deps models clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP_RUN): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP_TEST): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(STAMP_RUN)
+
+install: $(STAMP_RUN)
+install-test: $(STAMP_TEST)
+
+## make serve: the whole node in one process (embedded broker and worker, SQLite).
+## Configuration: CONFIG=path/to/config.yaml or $$BREASTCAD_CONFIG; defaults otherwise.
+serve: install
+	$(BIN)/breastcad serve $(if $(CONFIG),--config $(CONFIG))
+
+## System packages the tests talk to: Orthanc (the PACS), dcmtk (storescu, dsrdump), dciodvfy.
+system-deps:
+	@missing=""; \
+	command -v Orthanc  >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+lint: install-test
+	$(BIN)/ruff check dicom_node workers inference reports tests bench
+
+typecheck: install-test
+	$(BIN)/mypy
+
+## make test: everything CI runs.
+test: system-deps install-test lint typecheck
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+## make models: retrain the bundled models from ../shared/data.
+models: install-test
+	$(BIN)/python -m inference.train --modality US --out inference/bundled
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
