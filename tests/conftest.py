@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 _TESTS_DIR = str(Path(__file__).resolve().parent)
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+# With tests/ on sys.path (pytest's default "prepend" import mode puts it there for this
+# conftest anyway), the folders tests/reports, tests/inference, ... are namespace-package
+# candidates named like the project's packages. The editable install's finder runs after
+# sys.path's, so `import reports` would become that empty namespace. A regular package
+# anywhere on sys.path beats a namespace portion, so the repository root is put on it too.
+if _REPO_ROOT not in sys.path:
+    sys.path.append(_REPO_ROOT)
 
 from support.orthanc import OrthancServer, require_orthanc  # noqa: E402
 from support.shared_data import require_shared_data  # noqa: E402
