@@ -17,6 +17,7 @@ import pytest
 from node_process import Node, run_predict
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from support.dcmtk import dciodvfy, require_tool, store_responses, storescu
 from support.dicom_factory import make_us_series
 from support.orthanc import OrthancServer
@@ -41,6 +42,16 @@ class Sources:
 def _sources(shared_data: Path, tmp_path: Path, busi_count: int = 3) -> Sources:
     samples = sorted((shared_data / "dicom-samples" / "US").glob("*.dcm"))
     assert samples, "no US samples in shared data"
+    # examples_palette.dcm and OBXXXX1A_rle_2frame.dcm share one SOPInstanceUID (under different
+    # SOP classes); the node, like Orthanc, would keep the first. Give the RLE one its own UIDs,
+    # keeping its encapsulated pixels as they are.
+    for index, path in enumerate(samples):
+        if path.name == "OBXXXX1A_rle_2frame.dcm":
+            ds = dcmread(path)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+            samples[index] = tmp_path / path.name
+            ds.save_as(samples[index], enforce_file_format=True)
     wrapped: list[Path] = []
     malignant = busi_png_paths(shared_data, "malignant")[:2]
     benign = busi_png_paths(shared_data, "benign")[:1]
