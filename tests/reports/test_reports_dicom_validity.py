@@ -11,6 +11,7 @@ import pytest
 from pydicom import Dataset
 from support.dcmtk import dciodvfy, dsrdump, require_tool
 
+from inference.prediction import Prediction
 from reports import build_results
 
 # Warnings our objects may carry, each for a known reason:
@@ -51,7 +52,7 @@ def test_results_pass_dciodvfy_and_dsrdump(
     laterality: str | None,
     read_sample: Callable[[str], Dataset],
     display_image: Callable[[Dataset], np.ndarray],
-    make_prediction: Callable[..., object],
+    make_prediction: Callable[..., Prediction],
     tmp_path: Path,
 ) -> None:
     require_tool("dciodvfy")

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
+from inference.prediction import Prediction
 from reports import build_results, overlay_png, render_overlay
 
 ROWS, COLUMNS = 240, 320
@@ -29,7 +30,7 @@ def _roundtrip(ds: Dataset) -> Dataset:
 
 
 def test_overlay_changes_the_image_where_the_heatmap_is_hot(
-    make_prediction: Callable[..., object], hot_spot: Callable[..., np.ndarray]
+    make_prediction: Callable[..., Prediction], hot_spot: Callable[..., np.ndarray]
 ) -> None:
     image = _grey()
     heatmap = hot_spot(ROWS, COLUMNS, centre=CENTRE, radius=20)
@@ -48,7 +49,7 @@ def test_overlay_changes_the_image_where_the_heatmap_is_hot(
 
 
 def test_overlay_differs_with_and_without_a_hot_spot(
-    make_prediction: Callable[..., object], hot_spot: Callable[..., np.ndarray]
+    make_prediction: Callable[..., Prediction], hot_spot: Callable[..., np.ndarray]
 ) -> None:
     image = _grey()
     flat = render_overlay(image, make_prediction(ROWS, COLUMNS,
@@ -60,7 +61,7 @@ def test_overlay_differs_with_and_without_a_hot_spot(
     assert np.array_equal(spot[5:40, -40:-5], flat[5:40, -40:-5])  # far from the spot: same
 
 
-def test_legend_is_burned_in(make_prediction: Callable[..., object]) -> None:
+def test_legend_is_burned_in(make_prediction: Callable[..., Prediction]) -> None:
     image = _grey(level=200)
     out = render_overlay(image, make_prediction(ROWS, COLUMNS))
     assert out[1, 1].tolist() == [0, 0, 0]  # the legend's black box
@@ -69,14 +70,14 @@ def test_legend_is_burned_in(make_prediction: Callable[..., object]) -> None:
     assert ((corner[..., 0] > 200) & (corner[..., 1] > 200) & (corner[..., 2] == 0)).any()
 
 
-def test_png_is_the_same_picture(make_prediction: Callable[..., object]) -> None:
+def test_png_is_the_same_picture(make_prediction: Callable[..., Prediction]) -> None:
     image = _grey()
     prediction = make_prediction(ROWS, COLUMNS)
     decoded = np.asarray(Image.open(io.BytesIO(overlay_png(image, prediction))).convert("RGB"))
     assert np.array_equal(decoded, render_overlay(image, prediction))
 
 
-def test_a_smaller_heatmap_is_resized(make_prediction: Callable[..., object],
+def test_a_smaller_heatmap_is_resized(make_prediction: Callable[..., Prediction],
                                       hot_spot: Callable[..., np.ndarray]) -> None:
     small = hot_spot(ROWS // 8, COLUMNS // 8, centre=(CENTRE[0] / 8, CENTRE[1] / 8), radius=3)
     out = render_overlay(_grey(), make_prediction(ROWS, COLUMNS, heatmap=small))
@@ -90,7 +91,7 @@ def test_a_smaller_heatmap_is_resized(make_prediction: Callable[..., object],
     (np.full((ROWS, COLUMNS), -0.5, np.float32), r"\[0, 1\]"),
     (np.full((ROWS, COLUMNS), np.nan, np.float32), "NaN"),
 ])
-def test_a_bad_heatmap_is_refused(make_prediction: Callable[..., object], heatmap: np.ndarray,
+def test_a_bad_heatmap_is_refused(make_prediction: Callable[..., Prediction], heatmap: np.ndarray,
                                   message: str) -> None:
     with pytest.raises(ValueError, match=message):
         render_overlay(_grey(), make_prediction(ROWS, COLUMNS, heatmap=heatmap))
@@ -101,14 +102,14 @@ def test_a_bad_heatmap_is_refused(make_prediction: Callable[..., object], heatma
     np.zeros((ROWS, COLUMNS, 3), np.float32),
     np.zeros((ROWS, COLUMNS, 4), np.uint8),
 ])
-def test_a_bad_image_is_refused(make_prediction: Callable[..., object],
+def test_a_bad_image_is_refused(make_prediction: Callable[..., Prediction],
                                 image: np.ndarray) -> None:
     with pytest.raises(ValueError, match="image must"):
         render_overlay(image, make_prediction(ROWS, COLUMNS))
 
 
 def test_sc_pixels_are_the_overlay(make_source: Callable[..., Dataset],
-                                   make_prediction: Callable[..., object],
+                                   make_prediction: Callable[..., Prediction],
                                    hot_spot: Callable[..., np.ndarray]) -> None:
     source = make_source(1, rows=ROWS, columns=COLUMNS, laterality="R")
     image = source.pixel_array
@@ -141,7 +142,7 @@ def test_sc_pixels_are_the_overlay(make_source: Callable[..., Dataset],
 
 
 def test_sc_copies_patient_orientation_and_laterality(
-    make_source: Callable[..., Dataset], make_prediction: Callable[..., object]
+    make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction]
 ) -> None:
     oriented = make_source(1, rows=ROWS, columns=COLUMNS)
     oriented.PatientOrientation = ["A", "FR"]

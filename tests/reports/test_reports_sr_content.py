@@ -12,6 +12,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from inference.prediction import Prediction
 from reports import build_results
 
 FINDINGS = {
@@ -31,10 +32,23 @@ def _reread(ds: Dataset) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(buffer))
 
 
+def _report(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    return report
+
+
 def _group(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    groups = sr.content.get_image_measurement_groups()
+    groups = _report(sr).get_image_measurement_groups()
     assert len(groups) == 1
     return groups[0]
+
+
+def _code_value(evaluation: hd.sr.QualitativeEvaluation) -> str:
+    # highdicom annotates QualitativeEvaluation.value as a number; it is a CodedConcept.
+    value: object = evaluation.value
+    assert isinstance(value, hd.sr.CodedConcept)
+    return str(value.value)
 
 
 def _items(dataset: Dataset) -> list[Dataset]:
@@ -53,7 +67,7 @@ def _text(sr: Dataset, code: tuple[str, str]) -> list[str]:
             == code]
 
 
-def _build(make_source: Callable[..., Dataset], make_prediction: Callable[..., object],
+def _build(make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction],
            count: int = 1, source_args: dict[str, object] | None = None,
            **prediction_args: object) -> Dataset:
     sources = [make_source(i + 1, **(source_args or {})) for i in range(count)]
@@ -71,7 +85,7 @@ def _build(make_source: Callable[..., Dataset], make_prediction: Callable[..., o
     (("non_idc", "idc"), "non_idc"),
 ])
 def test_finding_is_the_coded_predicted_class(make_source: Callable[..., Dataset],
-                                             make_prediction: Callable[..., object],
+                                             make_prediction: Callable[..., Prediction],
                                              labels: tuple[str, ...], label: str) -> None:
     sr = _reread(_build(make_source, make_prediction, labels=labels, label=label))
     finding = _group(sr).finding_type
@@ -80,7 +94,7 @@ def test_finding_is_the_coded_predicted_class(make_source: Callable[..., Dataset
 
 
 def test_one_probability_measurement_per_class(make_source: Callable[..., Dataset],
-                                              make_prediction: Callable[..., object]) -> None:
+                                              make_prediction: Callable[..., Prediction]) -> None:
     probabilities = {"normal": 0.125, "benign": 0.25, "malignant": 0.625}
     sr = _reread(_build(make_source, make_prediction, probabilities=probabilities))
     measurements = _group(sr).get_measurements()
@@ -94,22 +108,23 @@ def test_one_probability_measurement_per_class(make_source: Callable[..., Datase
     assert "99BCAD" in declared
 
 
-def test_ood_score_and_assessability_are_reported(make_source: Callable[..., Dataset],
-                                                 make_prediction: Callable[..., object]) -> None:
+def test_ood_score_and_assessability_are_reported(
+    make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction]
+) -> None:
     sr = _reread(_build(make_source, make_prediction, ood_score=0.375, not_assessable=True))
     group = _group(sr)
     values = {m.name.value: m.value for m in group.get_measurements()}
     assert values["OODSCORE"] == pytest.approx(0.375)
-    evaluations = {q.name.value: q.value.value for q in group.get_qualitative_evaluations()}
+    evaluations = {q.name.value: _code_value(q) for q in group.get_qualitative_evaluations()}
     assert evaluations == {"ASSESSABLE": "373067005"}  # SCT No
 
     plain = _group(_reread(_build(make_source, make_prediction)))
     assert "OODSCORE" not in {m.name.value for m in plain.get_measurements()}
-    assert {q.value.value for q in plain.get_qualitative_evaluations()} == {"373066001"}
+    assert {_code_value(q) for q in plain.get_qualitative_evaluations()} == {"373066001"}
 
 
 def test_source_images_are_referenced(make_source: Callable[..., Dataset],
-                                      make_prediction: Callable[..., object]) -> None:
+                                      make_prediction: Callable[..., Prediction]) -> None:
     sr = _reread(_build(make_source, make_prediction, count=2))
     expected = {make_source(1).SOPInstanceUID, make_source(2).SOPInstanceUID}
     referenced = {str(s.referenced_sop_instance_uid) for s in _group(sr).source_images}
@@ -122,13 +137,13 @@ def test_source_images_are_referenced(make_source: Callable[..., Dataset],
 
 
 def test_algorithm_observer_and_procedure(make_source: Callable[..., Dataset],
-                                          make_prediction: Callable[..., object]) -> None:
+                                          make_prediction: Callable[..., Prediction]) -> None:
     sr = _reread(_build(make_source, make_prediction, model_name="busi_cnn",
                         model_version="2.1", model_sha256="ab" * 32))
     assert _text(sr, ("111001", "DCM")) == ["busi_cnn"]  # Algorithm Name
     assert _text(sr, ("111003", "DCM")) == ["2.1"]  # Algorithm Version
     assert _text(sr, ("111002", "DCM")) == ["sha256=" + "ab" * 32]  # Algorithm Parameters
-    observers = sr.content.get_observer_contexts()
+    observers = _report(sr).get_observer_contexts()
     assert len(observers) == 1
     device = observers[0].observer_identifying_attributes
     assert isinstance(device, hd.sr.DeviceObserverIdentifyingAttributes)
@@ -141,8 +156,9 @@ def test_algorithm_observer_and_procedure(make_source: Callable[..., Dataset],
     ]
 
 
-def test_finding_site_is_the_breast_with_its_side(make_source: Callable[..., Dataset],
-                                                  make_prediction: Callable[..., object]) -> None:
+def test_finding_site_is_the_breast_with_its_side(
+    make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction]
+) -> None:
     sr = _reread(_build(make_source, make_prediction, source_args={"laterality": "L"}))
     sites = _group(sr).finding_sites
     assert len(sites) == 1
@@ -154,7 +170,7 @@ def test_finding_site_is_the_breast_with_its_side(make_source: Callable[..., Dat
 
 
 def test_patient_and_study_come_from_the_source(make_source: Callable[..., Dataset],
-                                                make_prediction: Callable[..., object]) -> None:
+                                                make_prediction: Callable[..., Prediction]) -> None:
     sr = _build(make_source, make_prediction)
     source = make_source(1)
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
@@ -169,7 +185,7 @@ def test_patient_and_study_come_from_the_source(make_source: Callable[..., Datas
 
 
 def test_the_series_prediction_is_what_the_sr_reports(
-    make_source: Callable[..., Dataset], make_prediction: Callable[..., object]
+    make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction]
 ) -> None:
     sources = [make_source(1), make_source(2)]
     images = [np.zeros((s.Rows, s.Columns, 3), dtype=np.uint8) for s in sources]

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 
+from inference.prediction import Prediction
 from reports import ResultObjects, build_results, derive_uid
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-def _build(make_source: Callable[..., Dataset], make_prediction: Callable[..., object],
-           count: int = 2, **prediction_args: object) -> ResultObjects:
+def _build(make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction],
+           *, count: int = 2, **prediction_args: str) -> ResultObjects:
     sources = [make_source(i + 1) for i in range(count)]
     images = [np.zeros((s.Rows, s.Columns, 3), dtype=np.uint8) for s in sources]
     predictions = [make_prediction(s.Rows, s.Columns, **prediction_args) for s in sources]
@@ -52,14 +53,14 @@ def test_derive_uid_needs_string_parts() -> None:
 
 
 def test_building_twice_gives_the_same_uids(make_source: Callable[..., Dataset],
-                                            make_prediction: Callable[..., object]) -> None:
+                                            make_prediction: Callable[..., Prediction]) -> None:
     assert _uids(_build(make_source, make_prediction)) == _uids(
         _build(make_source, make_prediction)
     )
 
 
 def test_uids_follow_the_documented_derivation(make_source: Callable[..., Dataset],
-                                               make_prediction: Callable[..., object]) -> None:
+                                               make_prediction: Callable[..., Prediction]) -> None:
     results = _build(make_source, make_prediction)
     source = make_source(1)
     model = ("busi_cnn", "1.0.0", "0123456789abcdef" * 4)
@@ -75,7 +76,7 @@ def test_uids_follow_the_documented_derivation(make_source: Callable[..., Datase
 @pytest.mark.parametrize("change", [{"model_version": "1.0.1"}, {"model_name": "other_cnn"},
                                     {"model_sha256": "f" * 64}])
 def test_another_model_gives_other_uids(make_source: Callable[..., Dataset],
-                                        make_prediction: Callable[..., object],
+                                        make_prediction: Callable[..., Prediction],
                                         change: dict[str, str]) -> None:
     before = _uids(_build(make_source, make_prediction))
     after = _uids(_build(make_source, make_prediction, **change))
@@ -83,7 +84,7 @@ def test_another_model_gives_other_uids(make_source: Callable[..., Dataset],
 
 
 def test_results_are_new_series_of_the_source_study(
-    make_source: Callable[..., Dataset], make_prediction: Callable[..., object]
+    make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction]
 ) -> None:
     results = _build(make_source, make_prediction, count=3)
     source = make_source(1)
@@ -103,7 +104,7 @@ def test_results_are_new_series_of_the_source_study(
 
 
 def test_sc_uids_do_not_depend_on_source_order(make_source: Callable[..., Dataset],
-                                               make_prediction: Callable[..., object]) -> None:
+                                               make_prediction: Callable[..., Prediction]) -> None:
     sources = [make_source(1), make_source(2)]
     images = [np.zeros((s.Rows, s.Columns, 3), dtype=np.uint8) for s in sources]
     predictions = [make_prediction(s.Rows, s.Columns) for s in sources]
