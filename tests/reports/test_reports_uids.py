@@ -16,10 +16,10 @@ UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 def _build(make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction],
-           *, count: int = 2, **prediction_args: str) -> ResultObjects:
+           *, count: int = 2, model: dict[str, str] | None = None) -> ResultObjects:
     sources = [make_source(i + 1) for i in range(count)]
     images = [np.zeros((s.Rows, s.Columns, 3), dtype=np.uint8) for s in sources]
-    predictions = [make_prediction(s.Rows, s.Columns, **prediction_args) for s in sources]
+    predictions = [make_prediction(s.Rows, s.Columns, **(model or {})) for s in sources]
     return build_results(sources, images, predictions, series_prediction=predictions[0],
                          software_version="0.1.0")
 
@@ -79,7 +79,7 @@ def test_another_model_gives_other_uids(make_source: Callable[..., Dataset],
                                         make_prediction: Callable[..., Prediction],
                                         change: dict[str, str]) -> None:
     before = _uids(_build(make_source, make_prediction))
-    after = _uids(_build(make_source, make_prediction, **change))
+    after = _uids(_build(make_source, make_prediction, model=change))
     assert set(before).isdisjoint(after)
 
 
