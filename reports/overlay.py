@@ -81,7 +81,7 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: _Font) -> tuple[int, 
 def _draw_legend(canvas: Image.Image, prediction: Prediction) -> None:
     """Burn the legend into the top-left corner: finding, colour bar, disclaimer."""
     rows, columns = canvas.height, canvas.width
-    size = int(min(48, max(10, round(min(rows, columns) / 32))))
+    size = int(min(48, max(12, round(min(rows, columns) / 28))))
     font = _font(size)
     draw = ImageDraw.Draw(canvas)
     pad = max(3, size // 2)
