@@ -60,12 +60,18 @@ def check_source(source: Dataset, index: int) -> None:
 
 
 def reference_view(source: Dataset) -> Dataset:
-    """A copy of ``source`` holding only the attributes the result objects take from it."""
+    """A copy of ``source`` holding only the attributes the result objects take from it.
+
+    Type 2 patient/study attributes the source lacks (real devices omit them) are present and
+    empty in the view, as the result objects need them to be.
+    """
     view = Dataset()
     for keyword in PATIENT_STUDY_KEYWORDS + _REFERENCE_KEYWORDS:
         if keyword in source:
             element = source[keyword]
             view[element.tag] = copy.deepcopy(element)
+        elif keyword in PATIENT_STUDY_KEYWORDS:
+            setattr(view, keyword, None)
     return view
 
 
@@ -75,6 +81,8 @@ def copy_patient_study(target: Dataset, source: Dataset) -> None:
         if keyword in source:
             element = source[keyword]
             target[element.tag] = copy.deepcopy(element)
+        else:
+            setattr(target, keyword, None)  # Type 2: present, empty
 
 
 def laterality(source: Dataset) -> str | None:
