@@ -3,6 +3,12 @@
     python bench/e2e.py --spawn -n 100            # starts its own Orthanc and breastcad serve
     python bench/e2e.py --host H --port P --api http://H:8000 -n 100   # against a running node
 
+Two phases in one run. Burst: all instances over one association (ingest instances/s and MB/s),
+then the time until each series' SR is in the PACS (queueing included: the series are analysed
+one after another). Sequential (``--sequential K``): K more series sent one at a time, each after
+the previous one's SR arrived: the turnaround of a lone series, reported beyond
+``series_quiet_seconds`` too.
+
 Each instance is its own single-image ultrasound series (BUSI images wrapped as Ultrasound Image
 Storage when ../shared/data is there, else synthetic speckle). Ingest: all instances over one
 association (pynetdicom SCU), instances/s and MB/s. Latency: for every series, from its C-STORE
@@ -148,7 +154,9 @@ def _spawned(workdir: Path, quiet: float) -> Iterator[tuple[int, str, subprocess
         orthanc.wait(30)
 
 
-def _ingest(host: str, port: int, datasets: list[Dataset]) -> tuple[float, list[float]]:
+def _ingest(
+    host: str, port: int, datasets: list[Dataset], progress: bool = True
+) -> tuple[float, list[float]]:
     ae = AE(ae_title="BENCHSCU")
     ae.add_requested_context(US_IMAGE_STORAGE, ExplicitVRLittleEndian)
     assoc = ae.associate(host, port, ae_title="BREASTCAD")
@@ -156,7 +164,7 @@ def _ingest(host: str, port: int, datasets: list[Dataset]) -> tuple[float, list[
         raise RuntimeError(f"association with {host}:{port} failed")
     sent_at: list[float] = []
     start = time.perf_counter()
-    for ds in tqdm(datasets, desc="C-STORE", unit="inst"):
+    for ds in tqdm(datasets, desc="C-STORE", unit="inst", disable=not progress):
         status = assoc.send_c_store(ds)
         if int(status.Status) != 0:
             raise RuntimeError(f"C-STORE failed with 0x{int(status.Status):04X}")
@@ -167,14 +175,18 @@ def _ingest(host: str, port: int, datasets: list[Dataset]) -> tuple[float, list[
 
 
 def _latencies(
-    api: str, datasets: list[Dataset], sent_at: list[float], timeout: float
+    api: str,
+    datasets: list[Dataset],
+    sent_at: list[float],
+    timeout: float,
+    progress: bool = True,
 ) -> list[float]:
     pending = {str(ds.StudyInstanceUID): i for i, ds in enumerate(datasets)}
     done: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     with (
         httpx.Client(base_url=api, timeout=10) as client,
-        tqdm(total=len(datasets), desc="SR in PACS", unit="series") as bar,
+        tqdm(total=len(datasets), desc="SR in PACS", unit="series", disable=not progress) as bar,
     ):
         while pending and time.monotonic() < deadline:
             for study, index in list(pending.items()):
@@ -209,6 +221,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--columns", type=int, default=800)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--sequential", type=int, default=20, help="lone series to time")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -225,6 +238,14 @@ def main() -> None:
             quiet = float("nan")
         elapsed, sent_at = _ingest(host, port, datasets)
         latencies = _latencies(api, datasets, sent_at, args.timeout)
+        lone: list[float] = []
+        extra = [
+            _dataset(px, args.n + i)
+            for i, px in enumerate(_images(args.sequential, (args.rows, args.columns)))
+        ]
+        for ds in tqdm(extra, desc="lone series", unit="series"):
+            _elapsed, sent = _ingest(host, port, [ds], progress=False)
+            lone += _latencies(api, [ds], sent, args.timeout, progress=False)
     summary: dict[str, Any] = {
         "instances": args.n,
         "pixel_mb": round(size_mb, 2),
@@ -232,9 +253,13 @@ def main() -> None:
         "ingest_instances_per_s": round(args.n / elapsed, 1),
         "ingest_mb_per_s": round(size_mb / elapsed, 1),
         "series_quiet_seconds": quiet,
-        "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p95_s": round(float(np.percentile(latencies, 95)), 3),
-        "latency_max_s": round(max(latencies), 3),
+        "burst_latency_p50_s": round(statistics.median(latencies), 3),
+        "burst_latency_p95_s": round(float(np.percentile(latencies, 95)), 3),
+        "burst_latency_max_s": round(max(latencies), 3),
+        "lone_series": len(lone),
+        "lone_latency_p50_s": round(statistics.median(lone), 3) if lone else None,
+        "lone_latency_p95_s": round(float(np.percentile(lone, 95)), 3) if lone else None,
+        "lone_p50_beyond_quiet_s": round(statistics.median(lone) - quiet, 3) if lone else None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU, {platform.python_version()}",
     }
     print()

@@ -39,7 +39,7 @@ class BreastcadCelery:
 
     def __post_init__(self) -> None:
         self.app = _make_celery(self.settings)
-        self.context = WorkerContext(self.settings, self.db, send_delivery=self.send_delivery)
+        self.context = WorkerContext(self.settings, self.db)
         context = self.context
 
         @self.app.task(name=ANALYSE_TASK, acks_late=True, reject_on_worker_lost=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -60,7 +60,6 @@ class WorkerContext:
 
     settings: Settings
     db: StateDB
-    send_delivery: Callable[[int], None]
 
     def __post_init__(self) -> None:
         self._models: dict[str, Classifier] = {}
@@ -112,8 +111,11 @@ def analyse(ctx: WorkerContext, job_id: int) -> str:
             return JobState.PENDING
         return _finish_job(ctx, job_id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
     log.info("job %d done: result %d, %d delivery(ies)", job_id, result_id, len(delivery_ids))
+    # The first attempt runs here, at once: queued behind other analyses it would wait for all of
+    # them (measured: p50 80 s instead of seconds for a burst of 50 series). Retries go through
+    # the queue, scheduled by the dispatcher.
     for delivery_id in delivery_ids:
-        ctx.send_delivery(delivery_id)
+        deliver(ctx, delivery_id)
     return JobState.DONE
 
 
