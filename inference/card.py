@@ -70,6 +70,11 @@ class ModelCard:
         return float(value) if value else 1.0
 
     @property
+    def hflip_tta(self) -> bool:
+        """Whether predictions average the image and its left-right mirror."""
+        return str(self.data.get("test_time_augmentation", "none")).lower() == "hflip"
+
+    @property
     def architecture_params(self) -> dict[str, Any]:
         return dict(self.data.get("architecture_params", {}))
 

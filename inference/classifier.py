@@ -110,25 +110,36 @@ class Classifier:
         return predictions
 
     def _forward(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """Probabilities, embeddings and low-resolution Grad-CAM maps of a batch."""
+        """Probabilities, embeddings and low-resolution Grad-CAM maps of a batch.
+
+        With a card asking for hflip test-time augmentation, logits and embeddings are averaged
+        over the image and its mirror, and the mirror's Grad-CAM is flipped back and averaged.
+        """
+        count = inputs.shape[0]
+        views = 2 if self.card.hflip_tta else 1
+        if views == 2:
+            inputs = torch.cat([inputs, torch.flip(inputs, dims=[3])])
         with torch.no_grad():
             features = self.network.forward_features(inputs)
         with torch.enable_grad():
             features = features.detach().requires_grad_(True)
             embedding = self.network.embed(features)
-            logits = self.network.classify(embedding)
+            logits = self.network.classify(embedding).view(views, count, -1).mean(dim=0)
             predicted = logits.argmax(dim=1)
             score = logits.gather(1, predicted[:, None]).sum()
             (gradients,) = torch.autograd.grad(score, features)
         with torch.no_grad():
             weights = gradients.mean(dim=(2, 3), keepdim=True)
             cams = F.relu((weights * features).sum(dim=1))
+            if views == 2:
+                cams = (cams[:count] + torch.flip(cams[count:], dims=[2])) / 2.0
             peak = cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
             cams = cams / peak
             probabilities = torch.softmax(logits / self.card.temperature, dim=1)
+            mean_embedding = embedding.view(views, count, -1).mean(dim=0)
         return (
             probabilities.double().numpy(),
-            embedding.detach().float().numpy(),
+            mean_embedding.detach().float().numpy(),
             cams.detach(),
         )
 

@@ -17,6 +17,7 @@ from monai.transforms import (
     NormalizeIntensity,
     RandAdjustContrast,
     RandAffine,
+    RandCoarseDropout,
     RandFlip,
     RandGaussianNoise,
     RandGaussianSmooth,
@@ -73,7 +74,8 @@ def augment_transform(size: int) -> Compose:
     """Training-time augmentation of a preprocessed (1, size, size) image in [0, 1].
 
     Left-right flips only (the skin line stays at the top of an ultrasound image), small
-    rotations, zoom and shifts, contrast/gamma, gain, blur and speckle-like noise.
+    rotations, zoom and shifts, contrast/gamma, gain, blur, speckle-like noise and a few
+    blacked-out rectangles (cutout).
     """
     shift = 0.06 * size
     return Compose(
@@ -91,5 +93,13 @@ def augment_transform(size: int) -> Compose:
             RandScaleIntensity(prob=0.3, factors=0.2),
             RandGaussianSmooth(prob=0.15, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0)),
             RandGaussianNoise(prob=0.2, std=0.03),
+            RandCoarseDropout(
+                holes=1,
+                max_holes=3,
+                spatial_size=size // 12,
+                max_spatial_size=size // 5,
+                fill_value=0.0,
+                prob=0.25,
+            ),
         ]
     )

@@ -107,3 +107,37 @@ def test_accuracy_on_own_test_split(
     assert auc == pytest.approx(card_test["macro_auc_ovr"], abs=0.02)
     single = classifier.predict(test_split[0][0])
     assert single.probabilities == pytest.approx(predictions[0].probabilities, abs=1e-5)
+
+
+def test_hflip_test_time_augmentation(
+    classifier: Classifier, test_split: list[tuple[np.ndarray, str]]
+) -> None:
+    import dataclasses
+
+    import torch
+
+    data = dict(classifier.card.data)
+    data["test_time_augmentation"] = "hflip"
+    flip_card = dataclasses.replace(classifier.card, data=data)
+    plain_card = dataclasses.replace(
+        classifier.card, data={**data, "test_time_augmentation": "none"}
+    )
+    flipping = Classifier(flip_card, classifier.module)
+    plain = Classifier(plain_card, classifier.module)
+    image = test_split[1][0]
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    with torch.no_grad():
+        logits = (
+            classifier.module(plain.preprocess(image)[None])
+            + classifier.module(plain.preprocess(mirrored)[None])
+        ) / 2
+    expected = torch.softmax(logits / flip_card.temperature, dim=1)[0].numpy()
+    prediction = flipping.predict(image)
+    assert [prediction.probabilities[k] for k in flip_card.labels] == pytest.approx(
+        expected.tolist(), abs=1e-5
+    )
+    # The mirrored image gives the same answer and a mirrored heatmap.
+    other = flipping.predict(mirrored)
+    assert other.probabilities == pytest.approx(prediction.probabilities, abs=1e-5)
+    assert np.allclose(other.heatmap[:, ::-1], prediction.heatmap, atol=1e-3)
+    _check(prediction, image, flipping)
