@@ -91,6 +91,12 @@ DEVICE: Code = codes.cid270.Device  # DCM 121007
 # Purpose of reference (CID 7202) of the SC's SourceImageSequence item: DCM 121322
 SOURCE_IMAGE_FOR_PROCESSING: Code = codes.DCM.SourceImageForImageProcessingOperation
 
+# The triage finding (TID 1501 qualitative evaluation): SCT 260870009 "Priority (attribute)"
+# valued SCT 394849002 "High priority" or SCT 394848005 "Normal priority" (qualifier values).
+PRIORITY: Code = codes.SCT.Priority  # SCT 260870009
+HIGH_PRIORITY: Code = Code("394849002", "SCT", "High priority")
+NORMAL_PRIORITY: Code = Code("394848005", "SCT", "Normal priority")
+
 ASSESSABLE: Code = _private("ASSESSABLE", "Image assessable by the algorithm")
 OOD_SCORE: Code = _private("OODSCORE", "Out-of-distribution score")
 

@@ -13,7 +13,7 @@ from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
 from reports.sr import build_sr
-from reports.uids import derive_uid
+from reports.uids import derive_uid, source_set
 
 SR_SERIES_NUMBER_OFFSET = 7000
 SC_SERIES_NUMBER_OFFSET = 8000
@@ -109,6 +109,19 @@ def _check_inputs(
                                  f"its source is {expected[0]}x{expected[1]} (Rows x Columns)")
 
 
+def _check_predecessor(predecessor: Dataset, first: Dataset, sr_uid: str) -> None:
+    if not isinstance(predecessor, Dataset):
+        raise ValueError(f"predecessor is a {type(predecessor).__name__}, not a pydicom Dataset")
+    missing = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID",
+                             "SOPInstanceUID") if not predecessor.get(kw)]
+    if missing:
+        raise ValueError(f"predecessor lacks {', '.join(missing)}")
+    if str(predecessor.StudyInstanceUID) != str(first.StudyInstanceUID):
+        raise ValueError("predecessor is an SR of another study")
+    if str(predecessor.SOPInstanceUID) == sr_uid:
+        raise ValueError("predecessor is the SR being built (same sources, same model)")
+
+
 def build_results(
     sources: Sequence[Dataset],
     images: Sequence[np.ndarray],
@@ -117,26 +130,44 @@ def build_results(
     series_prediction: Prediction,
     manufacturer: str = "breastcad",
     software_version: str,
+    priority: bool | None = None,
+    predecessor: Dataset | None = None,
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
     ``sources`` are the analysed instances of one series, ``images[i]`` the uint8 RGB display
     image of ``sources[i]`` and ``predictions[i]`` its prediction; ``series_prediction`` is the
     finding the SR reports for the series. Both objects go into new series of the source study.
-    Every UID is derived from the source SeriesInstanceUID, the model (name, version, sha256) and
-    a role, so building again gives the same UIDs. Raises ValueError for inconsistent inputs or
-    a class label or Modality without a code.
+
+    Every UID is derived from the source SeriesInstanceUID, the model (name, version, sha256),
+    the set of source SOP Instance UIDs (:func:`reports.uids.source_set`) and a role: building
+    again from the same instances with the same model gives the same UIDs (a retried task), and
+    a series that gained an instance, or a new model, gives new ones (a new result, never an
+    overwrite of the old one in the PACS).
+
+    ``priority`` (None: no triage finding) is written into the SR as the triage finding;
+    ``predecessor`` is the earlier SR this result supersedes (its Study, Series, SOP Class and
+    SOP Instance UIDs are read; it must be of the same study and not the SR built here).
+
+    Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
     _check_inputs(sources, images, predictions, series_prediction)
     _check_text("manufacturer", manufacturer)
     _check_text("software_version", software_version)
+    if priority is not None and not isinstance(priority, bool):
+        raise ValueError(f"priority must be True, False or None, not {priority!r}")
 
     first = sources[0]
     model = (series_prediction.model_name, series_prediction.model_version,
              series_prediction.model_sha256)
 
+    instances = source_set(str(source.SOPInstanceUID) for source in sources)
+
     def uid(role: str) -> str:
-        return derive_uid(str(first.SeriesInstanceUID), *model, role)
+        return derive_uid(str(first.SeriesInstanceUID), *model, instances, role)
+
+    if predecessor is not None:
+        _check_predecessor(predecessor, first, uid("sr-instance"))
 
     sr = build_sr(
         sources,
@@ -149,6 +180,8 @@ def build_results(
                                        series_prediction.model_name),
         manufacturer=manufacturer,
         software_version=software_version,
+        priority=priority,
+        predecessor=predecessor,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)

@@ -65,6 +65,25 @@ def _measurements(prediction: Prediction) -> list[hd.sr.Measurement]:
     return measurements
 
 
+def _evaluations(
+    prediction: Prediction, priority: bool | None
+) -> list[hd.sr.QualitativeEvaluation]:
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=codes.ASSESSABLE,
+            value=codes.NO if prediction.not_assessable else codes.YES,
+        )
+    ]
+    if priority is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=codes.PRIORITY,
+                value=codes.HIGH_PRIORITY if priority else codes.NORMAL_PRIORITY,
+            )
+        )
+    return evaluations
+
+
 def build_sr(
     sources: Sequence[Dataset],
     series_prediction: Prediction,
@@ -76,13 +95,18 @@ def build_sr(
     device_observer_uid: str,
     manufacturer: str,
     software_version: str,
+    priority: bool | None = None,
+    predecessor: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR with one TID 1501 measurement group for ``series_prediction``.
 
     The group holds: tracking identifier, the finding (the coded predicted class), finding site
     breast (with laterality when all sources agree), the algorithm (TID 4019: name, version, and
     ``sha256=<model_sha256>`` as its parameter), the probability of every class (99BCAD codes,
-    UCUM "1"), the OOD score if any, whether the image was assessable, and every source image.
+    UCUM "1"), the OOD score if any, whether the image was assessable, the triage finding
+    (SCT 260870009 "Priority" = SCT 394849002 "High priority" or 394848005 "Normal priority")
+    unless ``priority`` is None, and every source image. ``predecessor`` (an earlier breastcad
+    SR of the same study that this one supersedes) goes into the Predecessor Documents Sequence.
     """
     views = [reference_view(source) for source in sources]
     # highdicom would pass the evidence's names through its person-name check, which rejects
@@ -117,12 +141,7 @@ def build_sr(
         algorithm_id=algorithm,
         finding_sites=[_finding_site(sources)],
         measurements=_measurements(series_prediction),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=codes.ASSESSABLE,
-                value=codes.NO if series_prediction.not_assessable else codes.YES,
-            )
-        ],
+        qualitative_evaluations=_evaluations(series_prediction, priority),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=view.SOPClassUID,
@@ -151,6 +170,7 @@ def build_sr(
         manufacturer_model_name="breastcad",
         software_versions=software_version,
         coding_schemes=[codes.private_coding_scheme()],
+        previous_versions=[predecessor] if predecessor is not None else None,
     )
     copy_patient_study(sr, sources[0])
     return sr

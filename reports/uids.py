@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 
 # A fixed namespace for breastcad's name-based UUIDs. Never change it: every UID ever derived
 # (and every copy a PACS holds) depends on it.
@@ -28,3 +30,16 @@ def derive_uid(*parts: str) -> str:
             raise ValueError(f"derive_uid parts must be str, got {type(part).__name__}")
     name = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
     return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
+
+
+def source_set(sop_instance_uids: Iterable[str]) -> str:
+    """One UID-derivation part naming a set of source instances, independent of their order.
+
+    ``sources-sha256=<hex>`` of the sorted, de-duplicated SOP Instance UIDs joined by newlines:
+    the same instances give the same part; one instance more or less gives another.
+    """
+    uids = sorted({str(uid) for uid in sop_instance_uids})
+    if not uids:
+        raise ValueError("source_set needs at least one SOP Instance UID")
+    digest = hashlib.sha256("\n".join(uids).encode("ascii", "replace")).hexdigest()
+    return f"sources-sha256={digest}"

@@ -64,8 +64,9 @@ def test_results_pass_dciodvfy_and_dsrdump(
     rows, columns = image.shape[:2]
     prediction = make_prediction(rows, columns, label=label, labels=labels,
                                  modality=str(source.Modality))
+    priority = label in ("malignant", "idc")
     results = build_results([source], [image], [prediction], series_prediction=prediction,
-                            software_version="0.1.0-test")
+                            software_version="0.1.0-test", priority=priority)
 
     sr_path = tmp_path / "sr.dcm"
     sc_path = tmp_path / "sc.dcm"
@@ -85,6 +86,8 @@ def test_results_pass_dciodvfy_and_dsrdump(
     assert problems == []
     assert "Imaging Measurement Report" in rendered.stdout
     assert f"Probability of class {label}" in rendered.stdout
+    # the triage finding
+    assert ("High priority" if priority else "Normal priority") in rendered.stdout
 
     sc = results.heatmaps[0]
     if laterality is None:

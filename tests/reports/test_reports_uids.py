@@ -11,6 +11,7 @@ from pydicom import Dataset
 
 from inference.prediction import Prediction
 from reports import ResultObjects, build_results, derive_uid
+from reports.uids import source_set
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -65,12 +66,32 @@ def test_uids_follow_the_documented_derivation(make_source: Callable[..., Datase
     source = make_source(1)
     model = ("busi_cnn", "1.0.0", "0123456789abcdef" * 4)
     series = str(source.SeriesInstanceUID)
-    assert results.sr.SeriesInstanceUID == derive_uid(series, *model, "sr-series")
-    assert results.sr.SOPInstanceUID == derive_uid(series, *model, "sr-instance")
-    assert results.heatmaps[0].SeriesInstanceUID == derive_uid(series, *model, "sc-series")
-    assert results.heatmaps[0].SOPInstanceUID == derive_uid(
-        series, *model, f"sc-instance-{source.SOPInstanceUID}"
+    instances = source_set([str(make_source(2).SOPInstanceUID), str(source.SOPInstanceUID)])
+    assert instances.startswith("sources-sha256=")
+    assert results.sr.SeriesInstanceUID == derive_uid(series, *model, instances, "sr-series")
+    assert results.sr.SOPInstanceUID == derive_uid(series, *model, instances, "sr-instance")
+    assert results.heatmaps[0].SeriesInstanceUID == derive_uid(
+        series, *model, instances, "sc-series"
     )
+    assert results.heatmaps[0].SOPInstanceUID == derive_uid(
+        series, *model, instances, f"sc-instance-{source.SOPInstanceUID}"
+    )
+
+
+def test_source_set_ignores_order_and_duplicates() -> None:
+    assert source_set(["1.2.3", "1.2.4"]) == source_set(["1.2.4", "1.2.3", "1.2.3"])
+    assert source_set(["1.2.3"]) != source_set(["1.2.3", "1.2.4"])
+    with pytest.raises(ValueError, match="at least one"):
+        source_set([])
+
+
+def test_a_series_that_gained_an_instance_gets_new_uids(
+    make_source: Callable[..., Dataset], make_prediction: Callable[..., Prediction]
+) -> None:
+    """A late instance re-opens a series: its new result must not overwrite the old one."""
+    before = _uids(_build(make_source, make_prediction, count=1))
+    after = _uids(_build(make_source, make_prediction, count=2))
+    assert set(before).isdisjoint(after)
 
 
 @pytest.mark.parametrize("change", [{"model_version": "1.0.1"}, {"model_name": "other_cnn"},
