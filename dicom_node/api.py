@@ -1,12 +1,23 @@
-"""The REST API (FastAPI): health, studies with their jobs, results and deliveries."""
+"""The REST API (FastAPI): health, studies with their jobs, results and deliveries; the
+worklist, FHIR DiagnosticReports and Prometheus metrics."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -16,13 +27,19 @@ from dicom_node.db import (
     DeliveryState,
     Instance,
     Job,
+    JobState,
     Result,
     Series,
+    SeriesState,
     StateDB,
     Study,
 )
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
+from reports.fhir import ReportFacts, diagnostic_report, searchset
+
+FHIR_JSON = "application/fhir+json"
+_DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -45,10 +62,11 @@ def _result_json(result: Result, deliveries: list[Delivery]) -> dict[str, Any]:
             "sha256": result.model_sha256,
         },
         "sr_sop_instance_uid": result.sr_sop_instance_uid,
-        "heatmaps": [
-            f"/results/{result.id}/heatmap.png?index={i}"
-            for i in range(1, len(result.files.get("png", [])) + 1)
-        ],
+        "sr": f"/results/{result.id}/sr.dcm",
+        "suspicion": result.suspicion,
+        "priority": result.priority,
+        "predecessor_id": result.predecessor_id,
+        "heatmaps": _heatmap_links(result),
         "per_image": result.files.get("per_image", []),
         "created_at": _iso(result.created_at),
         "deliveries": [_delivery_json(d) for d in deliveries],
@@ -60,11 +78,19 @@ def _delivery_json(delivery: Delivery) -> dict[str, Any]:
         "id": delivery.id,
         "result_id": delivery.result_id,
         "destination": delivery.destination,
+        "forward_source": delivery.forward_source,
         "state": delivery.state,
         "attempts": delivery.attempts,
         "last_error": delivery.last_error,
         "next_attempt_at": _iso(delivery.next_attempt_at),
         "updated_at": _iso(delivery.updated_at),
+    }
+
+
+def _operation_outcome(code: str, diagnostics: str) -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
     }
 
 
@@ -80,12 +106,271 @@ def _job_json(job: Job) -> dict[str, Any]:
     }
 
 
-def create_api(settings: Settings, db: StateDB) -> FastAPI:
+def _heatmap_links(result: Result) -> list[str]:
+    return [
+        f"/results/{result.id}/heatmap.png?index={i}"
+        for i in range(1, len(result.files.get("png", [])) + 1)
+    ]
+
+
+def _da(value: str | None, name: str) -> str | None:
+    """A query date (YYYYMMDD or YYYY-MM-DD) as DICOM DA; 422 otherwise."""
+    if value is None:
+        return None
+    match = _DATE.match(value)
+    if match is None:
+        raise HTTPException(422, f"{name} must be YYYYMMDD or YYYY-MM-DD, not {value!r}")
+    return "".join(match.groups())
+
+
+def _study_state(series: Iterable[Series], latest_jobs: dict[str, Job]) -> str:
+    """receiving > analysing > failed > done, over the study's series."""
+    states: set[str] = set()
+    for row in series:
+        job = latest_jobs.get(row.series_instance_uid)
+        if row.state == SeriesState.RECEIVING:
+            states.add("receiving")
+        elif job is None or job.state in (JobState.PENDING, JobState.QUEUED, JobState.RUNNING):
+            states.add("analysing")
+        elif job.state == JobState.FAILED:
+            states.add("failed")
+        else:
+            states.add("done")
+    for state in ("receiving", "analysing", "failed", "done"):
+        if state in states:
+            return state
+    return "receiving"
+
+
+def worklist_items(db: StateDB) -> list[dict[str, Any]]:
+    """One item per study, ordered by suspicion (highest first, unknown last), then arrival.
+
+    A study's finding is that of its most suspicious current result (the latest result of each
+    series; a superseded result does not count).
+    """
+    with db.session() as session:
+        studies = session.scalars(select(Study)).all()
+        series_rows = session.scalars(select(Series)).all()
+        latest_job_ids = session.execute(
+            select(Job.series_instance_uid, func.max(Job.id)).group_by(Job.series_instance_uid)
+        ).all()
+        jobs = {
+            job.series_instance_uid: job
+            for job in session.scalars(
+                select(Job).where(Job.id.in_([job_id for _uid, job_id in latest_job_ids]))
+            ).all()
+        }
+        latest_result_ids = session.execute(
+            select(Result.series_instance_uid, func.max(Result.id)).group_by(
+                Result.series_instance_uid
+            )
+        ).all()
+        results = session.scalars(
+            select(Result).where(Result.id.in_([rid for _uid, rid in latest_result_ids]))
+        ).all()
+    series_of: dict[str, list[Series]] = {}
+    for row in series_rows:
+        series_of.setdefault(row.study_instance_uid, []).append(row)
+    results_of: dict[str, list[Result]] = {}
+    for result in results:
+        results_of.setdefault(result.study_instance_uid, []).append(result)
+    items: list[dict[str, Any]] = []
+    for study in studies:
+        uid = study.study_instance_uid
+        series = series_of.get(uid, [])
+        current = sorted(results_of.get(uid, []), key=lambda r: r.id)
+        lead = max(
+            current,
+            key=lambda r: (r.suspicion is not None, r.suspicion or 0.0, r.id),
+            default=None,
+        )
+        modalities = sorted({row.modality for row in series if row.modality})
+        items.append(
+            {
+                "study_instance_uid": uid,
+                "accession_number": study.accession_number,
+                "study_date": study.study_date,
+                "modality": "\\".join(modalities) or None,
+                "modalities": modalities,
+                "label": lead.label if lead is not None else None,
+                "probability": lead.probability if lead is not None else None,
+                "suspicion": lead.suspicion if lead is not None else None,
+                "priority": any(r.priority for r in current),
+                "state": _study_state(series, jobs),
+                "result_ids": [r.id for r in current],
+                "heatmaps": [link for r in current for link in _heatmap_links(r)],
+                "received_at": _iso(study.created_at),
+                "_arrival": study.created_at,
+            }
+        )
+    items.sort(
+        key=lambda item: (
+            item["suspicion"] is None,
+            -(item["suspicion"] or 0.0),
+            item["_arrival"],
+            item["study_instance_uid"],
+        )
+    )
+    for item in items:
+        del item["_arrival"]
+    return items
+
+
+def _report_facts(result: Result, study: Study | None, base_url: str) -> ReportFacts:
+    sides = {
+        str(p.get("laterality")) for p in result.files.get("per_image", []) if p.get("laterality")
+    }
+    return ReportFacts(
+        result_id=result.id,
+        study_instance_uid=result.study_instance_uid,
+        modality=result.modality,
+        label=result.label,
+        probabilities=result.probabilities,
+        model_name=result.model_name,
+        model_version=result.model_version,
+        model_sha256=result.model_sha256,
+        sr_sop_instance_uid=result.sr_sop_instance_uid,
+        issued=result.created_at,
+        sr_url=f"{base_url}/results/{result.id}/sr.dcm",
+        patient_id=study.patient_id if study is not None else None,
+        accession_number=study.accession_number if study is not None else None,
+        study_date=study.study_date if study is not None else None,
+        laterality=sides.pop() if len(sides) == 1 else None,
+        suspicion=result.suspicion,
+        priority=result.priority if result.suspicion is not None else None,
+        heatmap_urls=[base_url + link for link in _heatmap_links(result)],
+    )
+
+
+class StateCollector(Collector):
+    """Prometheus metrics computed from the state DB at scrape time (true across processes)."""
+
+    def __init__(self, db: StateDB, queue_depth: Callable[[], int | None] | None) -> None:
+        self.db = db
+        self.queue_depth = queue_depth
+
+    def collect(self) -> Iterable[Metric]:
+        with self.db.session() as session:
+            instances = session.execute(
+                select(Series.modality, func.count(Instance.sop_instance_uid))
+                .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+                .group_by(Series.modality)
+            ).all()
+            series_states = session.execute(
+                select(Series.state, func.count()).group_by(Series.state)
+            ).all()
+            jobs_total = session.scalar(select(func.count()).select_from(Job)) or 0
+            job_states = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+            inference = session.execute(
+                select(func.count(Result.inference_seconds), func.sum(Result.inference_seconds))
+            ).one()
+            results = session.execute(
+                select(Result.modality, Result.label, func.count()).group_by(
+                    Result.modality, Result.label
+                )
+            ).all()
+            priority = session.scalar(
+                select(func.count()).select_from(Result).where(Result.priority.is_(True))
+            ) or 0
+            attempts = session.execute(
+                select(Delivery.destination, DeliveryAttempt.ok, func.count())
+                .join(Delivery, Delivery.id == DeliveryAttempt.delivery_id)
+                .group_by(Delivery.destination, DeliveryAttempt.ok)
+            ).all()
+            deliveries = session.execute(
+                select(Delivery.destination, Delivery.state, func.count()).group_by(
+                    Delivery.destination, Delivery.state
+                )
+            ).all()
+        received = CounterMetricFamily(
+            "breastcad_instances_received", "Instances stored", labels=["modality"]
+        )
+        for modality, count in instances:
+            received.add_metric([modality or ""], count)
+        yield received
+        yield CounterMetricFamily(
+            "breastcad_series_completed",
+            "Series completions (each makes an analysis job; a re-opened series completes again)",
+            value=jobs_total,
+        )
+        series_gauge = GaugeMetricFamily("breastcad_series", "Series by state", labels=["state"])
+        counted = dict(series_states)
+        for state in SeriesState:
+            series_gauge.add_metric([state.value], counted.get(state.value, 0))
+        yield series_gauge
+        jobs_gauge = GaugeMetricFamily("breastcad_jobs", "Analysis jobs by state", labels=["state"])
+        counted = dict(job_states)
+        for job_state in JobState:
+            jobs_gauge.add_metric([job_state.value], counted.get(job_state.value, 0))
+        yield jobs_gauge
+        yield SummaryMetricFamily(
+            "breastcad_inference_seconds",
+            "Model and Grad-CAM time per analysed series",
+            count_value=int(inference[0] or 0),
+            sum_value=float(inference[1] or 0.0),
+        )
+        results_counter = CounterMetricFamily(
+            "breastcad_results", "Results made", labels=["modality", "label"]
+        )
+        for modality, label, count in results:
+            results_counter.add_metric([modality, label], count)
+        yield results_counter
+        yield CounterMetricFamily(
+            "breastcad_priority_results", "Results flagged priority", value=priority
+        )
+        attempts_counter = CounterMetricFamily(
+            "breastcad_delivery_attempts", "Delivery attempts", labels=["destination"]
+        )
+        failures_counter = CounterMetricFamily(
+            "breastcad_delivery_failures", "Failed delivery attempts", labels=["destination"]
+        )
+        per_destination: dict[str, list[int]] = {}
+        for destination, ok, count in attempts:
+            totals = per_destination.setdefault(destination, [0, 0])
+            totals[0] += count
+            if not ok:
+                totals[1] += count
+        for destination, (total, failed) in sorted(per_destination.items()):
+            attempts_counter.add_metric([destination], total)
+            failures_counter.add_metric([destination], failed)
+        yield attempts_counter
+        yield failures_counter
+        deliveries_gauge = GaugeMetricFamily(
+            "breastcad_deliveries", "Deliveries by destination and state",
+            labels=["destination", "state"],
+        )
+        for destination, delivery_state, count in deliveries:
+            deliveries_gauge.add_metric([destination, delivery_state], count)
+        yield deliveries_gauge
+        depth = GaugeMetricFamily(
+            "breastcad_queue_depth",
+            "Work waiting: jobs pending or queued (db), messages in the broker queue (broker)",
+            labels=["source"],
+        )
+        counted = dict(job_states)
+        depth.add_metric(
+            ["db"], counted.get(JobState.PENDING.value, 0) + counted.get(JobState.QUEUED.value, 0)
+        )
+        broker = self.queue_depth() if self.queue_depth is not None else None
+        if broker is not None:
+            depth.add_metric(["broker"], broker)
+        yield depth
+
+
+def create_api(
+    settings: Settings,
+    db: StateDB,
+    *,
+    queue_depth: Callable[[], int | None] | None = None,
+) -> FastAPI:
+    """The API over the state DB; ``queue_depth`` (the broker's) feeds ``/metrics``."""
     app = FastAPI(
         title="breastcad",
         version="0.1.0",
         description="AI analysis of breast images as a DICOM node: studies, results, deliveries.",
     )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(db, queue_depth))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -213,6 +498,88 @@ def create_api(settings: Settings, db: StateDB) -> FastAPI:
         if not path.exists():
             raise HTTPException(410, f"heatmap file of result {result_id} is gone")
         return FileResponse(path, media_type="image/png")
+
+    @app.get("/results/{result_id}/sr.dcm", response_class=FileResponse)
+    def sr_file(result_id: int) -> FileResponse:
+        with db.session() as session:
+            result = session.get(Result, result_id)
+        if result is None:
+            raise HTTPException(404, f"no result {result_id}")
+        path = settings.results_dir / result.files["sr"]
+        if not path.exists():
+            raise HTTPException(410, f"SR file of result {result_id} is gone")
+        return FileResponse(path, media_type="application/dicom")
+
+    @app.get("/worklist")
+    def worklist(
+        modality: str | None = None,
+        state: str | None = Query(None, pattern="^(receiving|analysing|failed|done)$"),
+        date_from: str | None = Query(None, description="StudyDate from (YYYYMMDD or ISO)"),
+        date_to: str | None = Query(None, description="StudyDate to, inclusive"),
+        priority: bool | None = None,
+        limit: int = Query(200, ge=1, le=5000),
+    ) -> dict[str, Any]:
+        low, high = _da(date_from, "date_from"), _da(date_to, "date_to")
+        items = []
+        for item in worklist_items(db):
+            if modality is not None and modality.upper() not in item["modalities"]:
+                continue
+            if state is not None and item["state"] != state:
+                continue
+            if priority is not None and item["priority"] != priority:
+                continue
+            date = item["study_date"]
+            if (low is not None or high is not None) and not date:
+                continue
+            if low is not None and date < low or high is not None and date > high:
+                continue
+            items.append(item)
+        return {"items": items[:limit]}
+
+    def fhir_base(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    @app.get("/fhir/DiagnosticReport/{result_id}")
+    def fhir_report(result_id: int, request: Request) -> JSONResponse:
+        with db.session() as session:
+            result = session.get(Result, result_id)
+            if result is None:
+                return JSONResponse(
+                    _operation_outcome("not-found", f"no DiagnosticReport {result_id}"),
+                    status_code=404,
+                    media_type=FHIR_JSON,
+                )
+            study = session.get(Study, result.study_instance_uid)
+        report = diagnostic_report(_report_facts(result, study, fhir_base(request)))
+        return JSONResponse(report, media_type=FHIR_JSON)
+
+    @app.get("/fhir/DiagnosticReport")
+    def fhir_search(
+        request: Request,
+        patient: str | None = None,
+        study: str | None = None,
+        limit: int = Query(100, alias="_count", ge=1, le=1000),
+    ) -> JSONResponse:
+        """Search by patient (identifier, or Patient/<id>) and/or study (StudyInstanceUID)."""
+        base = fhir_base(request)
+        query = select(Result, Study).join(
+            Study, Study.study_instance_uid == Result.study_instance_uid
+        )
+        if patient is not None:
+            patient_id = patient.split("|")[-1].removeprefix("Patient/")
+            query = query.where(Study.patient_id == patient_id)
+        if study is not None:
+            query = query.where(
+                Result.study_instance_uid == study.removeprefix("urn:oid:").split("|")[-1]
+            )
+        with db.session() as session:
+            rows = session.execute(query.order_by(Result.id.desc()).limit(limit)).all()
+        reports = [diagnostic_report(_report_facts(r, s, base)) for r, s in rows]
+        return JSONResponse(searchset(reports, f"{base}/fhir"), media_type=FHIR_JSON)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/deliveries")
     def list_deliveries(

@@ -1,4 +1,4 @@
-"""The ``breastcad`` command: serve, worker, predict, models, deliveries.
+"""The ``breastcad`` command: serve, worker, predict, models, deliveries, routes.
 
 The CLI composes the processes, so it is the one place in ``dicom_node`` that imports ``workers``.
 """
@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 deliveries_app = typer.Typer(help="Inspect and retry deliveries of results to destinations.")
 app.add_typer(deliveries_app, name="deliveries")
+routes_app = typer.Typer(help="Check routing rules.")
+app.add_typer(routes_app, name="routes")
 
 ConfigOption = Annotated[
     Path | None,
@@ -85,7 +87,7 @@ def serve(config: ConfigOption = None) -> None:
     scp = StorageSCP(settings, store)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_api(settings, db),
+            create_api(settings, db, queue_depth=celery.queue_depth),
             host=settings.api_host,
             port=settings.api_port,
             log_level=settings.log_level.lower(),
@@ -269,6 +271,66 @@ def deliveries_retry(
         typer.echo(f"delivery {delivery_id} not found or not failed/pending", err=True)
         raise typer.Exit(1)
     typer.echo(f"delivery {delivery_id} will be sent again")
+
+
+@routes_app.command("test")
+def routes_test(
+    config_file: Annotated[Path, typer.Argument(help="The YAML configuration with the routes.")],
+    result: Annotated[
+        str,
+        typer.Option(
+            "--result",
+            help='The result as JSON (or a file holding it): {"modality": "US", "probabilities": '
+            '{"malignant": 0.8, ...}, "label", "calling_ae", "not_assessable" optional}.',
+        ),
+    ],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+) -> None:
+    """Show which routes a result would match and where it would be sent."""
+    from workers.routing import ResultFacts, route
+
+    settings = _settings(config_file)
+    text = result
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        text = Path(text).read_text(encoding="utf-8")
+    try:
+        facts = ResultFacts.from_json(json.loads(text))
+    except json.JSONDecodeError as exc:
+        typer.echo(f"breastcad routes test: --result is not valid JSON: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        typer.echo(f"breastcad routes test: invalid result: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    decision = route(settings.routes, facts)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "matched_routes": [
+                        {"index": index, **settings.routes[index].model_dump(exclude_none=True)}
+                        for index in decision.matched_routes
+                    ],
+                    "destinations": [
+                        {"name": name, "forward_source": name in decision.forward_source}
+                        for name in decision.destinations
+                    ],
+                }
+            )
+        )
+        return
+    for index, rule in enumerate(settings.routes):
+        mark = "match" if index in decision.matched_routes else "no   "
+        when = rule.when.model_dump(exclude_none=True) if rule.when is not None else "always"
+        extra = " (with sources)" if rule.forward_source else ""
+        typer.echo(f"{mark} route {index + 1}: when {when} -> {', '.join(rule.send_to)}{extra}")
+    if not decision.destinations:
+        typer.echo("destinations: none (the result would not be sent)")
+        return
+    shown = [
+        f"{name} (with sources)" if name in decision.forward_source else name
+        for name in decision.destinations
+    ]
+    typer.echo(f"destinations: {', '.join(shown)}")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,14 @@ class Result(Base):
     model_version: Mapped[str] = mapped_column(String(32))
     model_sha256: Mapped[str] = mapped_column(String(64))
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # probability of malignancy (reports.triage.suspicion); null when the labels have none
+    suspicion: Mapped[float | None] = mapped_column(Float)
+    # suspicion >= priority_threshold when the result was made (also in the SR)
+    priority: Mapped[bool] = mapped_column(default=False)
+    # the earlier result of the same series this one supersedes (its SR is the predecessor)
+    predecessor_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("results.id"))
+    # model + Grad-CAM time over the series' images
+    inference_seconds: Mapped[float | None] = mapped_column(Float)
     # paths relative to the results dir: the SR, the SC heatmaps and the PNG heatmaps
     files: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -145,6 +153,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[int] = mapped_column(Integer, ForeignKey("results.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
+    # send the result's source instances too (a route with forward_source: true)
+    forward_source: Mapped[bool] = mapped_column(default=False)
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -57,6 +57,8 @@ class Route(BaseModel):
 
     when: RouteCondition | None = None
     send_to: list[str] = Field(min_length=1)
+    # also send the analysed source instances (as received) to these destinations
+    forward_source: bool = False
 
 
 class Settings(BaseSettings):
@@ -97,6 +99,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=1, ge=1)
     torch_threads: int = Field(default=2, ge=1)
     log_level: str = "INFO"
+    # a result whose suspicion (probability of malignancy) is at least this is flagged priority
+    # (API, worklist, SR triage finding); null = never
+    priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:

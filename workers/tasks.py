@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,7 +44,10 @@ from inference import (
     load_bundled,
 )
 from reports import build_results, overlay_png
-from workers.routing import ResultFacts, select_destinations
+from reports.triage import is_priority, suspicion
+from workers.routing import ResultFacts, route
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,10 @@ def _finish_job(ctx: WorkerContext, job_id: int, state: JobState, reason: str | 
     return state
 
 
-def _load_datasets(ctx: WorkerContext, series_uid: str) -> tuple[list[Dataset], Series]:
+def _load_datasets(
+    ctx: WorkerContext, series_uid: str
+) -> tuple[list[Dataset], Series, list[str]]:
+    """The stored instances of the series, its row, and their paths in the instance store."""
     with ctx.db.session() as session:
         series = session.get(Series, series_uid)
         rows = session.scalars(
@@ -148,7 +155,43 @@ def _load_datasets(ctx: WorkerContext, series_uid: str) -> tuple[list[Dataset], 
             raise AnalysisFailed(
                 f"cannot read stored instance {row.sop_instance_uid}: {exc}"
             ) from exc
-    return datasets, series
+    return datasets, series, [row.path for row in rows]
+
+
+def _predecessor(
+    ctx: WorkerContext, series_uid: str, sop_uids: set[str], prediction: Prediction
+) -> tuple[int, Dataset] | None:
+    """The latest earlier result of the series that this one supersedes, as an SR reference.
+
+    None when there is none, or when it was made from the same instances by the same model
+    (then the new SR has the same UIDs: it is the same result made again, not a new one).
+    """
+    with ctx.db.session() as session:
+        previous = session.scalars(
+            select(Result)
+            .where(Result.series_instance_uid == series_uid)
+            .order_by(Result.id.desc())
+            .limit(1)
+        ).first()
+    if previous is None:
+        return None
+    same_sources = {p["sop_instance_uid"] for p in previous.files.get("per_image", [])}
+    same_model = (previous.model_name, previous.model_version, previous.model_sha256) == (
+        prediction.model_name,
+        prediction.model_version,
+        prediction.model_sha256,
+    )
+    if same_model and same_sources == sop_uids:
+        return None
+    sr_series = previous.files.get("sr_series_instance_uid")
+    if not sr_series:
+        return None
+    reference = Dataset()
+    reference.StudyInstanceUID = previous.study_instance_uid
+    reference.SeriesInstanceUID = sr_series
+    reference.SOPClassUID = COMPREHENSIVE_3D_SR
+    reference.SOPInstanceUID = previous.sr_sop_instance_uid
+    return previous.id, reference
 
 
 def aggregate(predictions: Sequence[Prediction]) -> Prediction:
@@ -177,8 +220,17 @@ def aggregate(predictions: Sequence[Prediction]) -> Prediction:
     )
 
 
+def _laterality(ds: Dataset) -> str | None:
+    """'L' or 'R' from ImageLaterality, else Laterality; None when unknown."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword) or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
 def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
-    datasets, series = _load_datasets(ctx, job.series_instance_uid)
+    datasets, series, source_paths = _load_datasets(ctx, job.series_instance_uid)
     modality = str(datasets[0].get("Modality", "")).strip() or (series.modality or "")
     try:
         classifier = ctx.classifier(modality)
@@ -192,14 +244,26 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             raise AnalysisFailed(
                 f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"
             ) from exc
+    started = time.perf_counter()
     predictions = [classifier.predict(image) for image in images]
+    inference_seconds = time.perf_counter() - started
     series_prediction = aggregate(predictions)
+    suspicious = suspicion(series_prediction.probabilities)
+    priority = is_priority(suspicious, ctx.settings.priority_threshold)
+    predecessor = _predecessor(
+        ctx,
+        job.series_instance_uid,
+        {str(ds.SOPInstanceUID) for ds in datasets},
+        series_prediction,
+    )
     objects = build_results(
         datasets,
         images,
         predictions,
         series_prediction=series_prediction,
         software_version=SOFTWARE_VERSION,
+        priority=priority,
+        predecessor=predecessor[1] if predecessor is not None else None,
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder
@@ -225,7 +289,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         probabilities=series_prediction.probabilities,
         not_assessable=series_prediction.not_assessable,
     )
-    destinations = select_destinations(ctx.settings.routes, facts)
+    decision = route(ctx.settings.routes, facts)
     now = utcnow()
     with ctx.db.session() as session:
         result = Result(
@@ -241,8 +305,15 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             model_version=series_prediction.model_version,
             model_sha256=series_prediction.model_sha256,
             sr_sop_instance_uid=str(objects.sr.SOPInstanceUID),
+            suspicion=suspicious,
+            priority=priority,
+            predecessor_id=predecessor[0] if predecessor is not None else None,
+            inference_seconds=inference_seconds,
             files={
                 "sr": str(sr_name),
+                "sr_series_instance_uid": str(objects.sr.SeriesInstanceUID),
+                # the analysed instances, relative to the instance store (forward_source)
+                "sources": source_paths,
                 "sc": sc_names,
                 "png": png_names,
                 "per_image": [
@@ -250,6 +321,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                         "sop_instance_uid": str(ds.SOPInstanceUID),
                         "label": p.label,
                         "probabilities": dict(p.probabilities),
+                        "laterality": _laterality(ds),
                     }
                     for ds, p in zip(datasets, predictions, strict=True)
                 ],
@@ -261,11 +333,12 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             Delivery(
                 result_id=result.id,
                 destination=name,
+                forward_source=name in decision.forward_source,
                 state=DeliveryState.PENDING,
                 next_attempt_at=now,
                 dispatched_at=now,
             )
-            for name in destinations
+            for name in decision.destinations
         ]
         session.add_all(deliveries)
         session.flush()
@@ -304,7 +377,11 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
     if destination is None:
         error = f"destination {delivery.destination!r} is no longer configured"
     else:
-        files = [ctx.settings.results_dir / result.files["sr"]] + [
+        files: list[Path] = []
+        if delivery.forward_source:
+            # the sources first, so a PACS holds the images before the results that refer to them
+            files += [ctx.settings.store_dir / name for name in result.files.get("sources", [])]
+        files += [ctx.settings.results_dir / result.files["sr"]] + [
             ctx.settings.results_dir / name for name in result.files["sc"]
         ]
         try:
