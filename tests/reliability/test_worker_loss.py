@@ -1,0 +1,165 @@
+"""A worker SIGKILLed in the middle of an analysis (distributed layout).
+
+Node (``breastcad serve``, no embedded worker) + separate ``breastcad worker`` processes + a
+private redis-server + PostgreSQL. The analysis is slowed by nothing but its input: a series of
+many BUSI images takes seconds to classify, explain and turn into SC objects, so the test can
+SIGKILL the worker while the job row says ``running``.
+
+What recovers the job (measured here, see docs/RELIABILITY.md): the worker runs the solo pool, so
+the process that dies *is* the worker; ``reject_on_worker_lost`` only acts when a pool child dies
+under a living parent, so nothing rejects the message. It stays unacknowledged in Redis until
+the transport's ``visibility_timeout`` (``job_timeout_seconds + 60``). Before that, the
+dispatcher's sweep finds the job ``running`` for longer than ``job_timeout_seconds``, puts it
+back to ``pending`` and sends a new message; the attempt count on the row bounds the loop.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_process import Node
+from rel_support import (
+    PHI,
+    RedisServer,
+    assert_no_phi,
+    jobs,
+    make_series,
+    node_logs,
+    wait_until,
+)
+from support.dcmtk import require_tool, storescu
+from support.orthanc import OrthancServer
+from support.shared_data import busi_png_paths
+
+pytestmark = pytest.mark.e2e
+
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _running_job(node: Node) -> dict[str, Any]:
+    def running() -> dict[str, Any] | None:
+        return next((j for j in jobs(node) if j["state"] == "running"), None)
+
+    found: dict[str, Any] = wait_until(running, 120, "a running job", step=0.05)
+    return found
+
+
+def _distributed_node(
+    tmp_path: Path, pacs_port: int, redis: RedisServer, database_url: str, **extra: Any
+) -> Node:
+    return Node(
+        tmp_path / "node",
+        pacs_port=pacs_port,
+        broker_url=redis.url,
+        database_url=database_url,
+        embedded_worker=False,
+        workers=1,
+        extra=extra,
+    )
+
+
+def test_worker_killed_mid_analysis_job_completes_once(
+    shared_data: Path,
+    orthanc: OrthancServer,
+    redis_server: RedisServer,
+    postgres_db: str,
+    tmp_path: Path,
+) -> None:
+    require_tool("storescu")
+    files = make_series(busi_png_paths(shared_data, "benign")[:24], tmp_path / "src")
+    node = _distributed_node(
+        tmp_path, orthanc.dicom_port, redis_server, postgres_db,
+        job_timeout_seconds=20, job_max_attempts=3,
+    )  # fmt: skip
+    node.start()
+    try:
+        assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
+        job = _running_job(node)
+        assert job["attempts"] == 1
+        node.workers[0].stop(signal.SIGKILL)
+        # the killed worker acknowledged nothing: the job row still says running
+        assert [j["state"] for j in jobs(node)] == ["running"]
+        node.start_worker(1)
+        [finished] = node.wait_for_jobs(1, timeout=150)
+        assert finished["state"] == "done", finished
+        assert finished["attempts"] == 2  # the killed attempt counts
+        serve_log = node_logs(node)["serve"]
+        assert f"job {job['id']}: worker lost, re-queued" in serve_log
+
+        study = node.client.get("/studies").json()["items"][0]["study_instance_uid"]
+
+        def settled() -> dict[str, Any] | None:
+            detail: dict[str, Any] = node.client.get(f"/studies/{study}").json()
+            [series] = detail["series"]
+            states = [d["state"] for r in series["results"] for d in r["deliveries"]]
+            return series if states and "sending" not in states else None
+
+        series = wait_until(settled, 60, "the delivery to finish")
+        [result] = series["results"]  # one result, not one per attempt
+        [delivery] = result["deliveries"]
+        assert delivery["state"] == "done" and delivery["attempts"] == 1
+
+        def delivered(tags: list[dict[str, Any]]) -> bool:
+            scs = [t for t in tags if t.get("SOPClassUID") == SC_STORAGE]
+            return any(t.get("Modality") == "SR" for t in tags) and len(scs) >= len(files)
+
+        tags = orthanc.wait_for_instances(delivered, timeout=60)
+        srs = [t for t in tags if t.get("Modality") == "SR"]
+        assert [t["SOPInstanceUID"] for t in srs] == [result["sr_sop_instance_uid"]]
+        assert len([t for t in tags if t.get("SOPClassUID") == SC_STORAGE]) == len(files)
+        assert_no_phi(node_logs(node), PHI)
+    except AssertionError:
+        print(node.log_tail())
+        raise
+    finally:
+        node.stop()
+
+
+def test_job_that_kills_its_worker_every_time_fails_after_max_attempts(
+    shared_data: Path,
+    redis_server: RedisServer,
+    postgres_db: str,
+    tmp_path: Path,
+) -> None:
+    """Every attempt loses its worker (the test SIGKILLs it): bounded, then ``failed``."""
+    require_tool("storescu")
+    files = make_series(busi_png_paths(shared_data, "malignant")[:16], tmp_path / "src")
+    max_attempts = 2
+    node = _distributed_node(
+        tmp_path, 9, redis_server, postgres_db,
+        job_timeout_seconds=6, job_max_attempts=max_attempts,
+    )  # fmt: skip
+    node.start()
+    try:
+        assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
+        for attempt in range(1, max_attempts + 1):
+            job = wait_until(
+                lambda n=attempt: next(
+                    (j for j in jobs(node) if j["state"] == "running" and j["attempts"] == n),
+                    None,
+                ),
+                90,
+                f"attempt {attempt} running",
+                step=0.05,
+            )
+            node.workers[-1].stop(signal.SIGKILL)
+            node.start_worker(attempt)
+        [final] = node.wait_for_jobs(1, timeout=60)
+        assert final["id"] == job["id"]
+        assert final["state"] == "failed", final
+        assert final["attempts"] == max_attempts
+        assert "worker lost" in final["reason"], final
+        # and it stays failed: no endless requeue, the live worker never runs it again
+        time.sleep(3)
+        [still] = jobs(node)
+        assert still["state"] == "failed" and still["attempts"] == max_attempts
+        assert_no_phi(node_logs(node), PHI)
+    except AssertionError:
+        print(node.log_tail())
+        raise
+    finally:
+        node.stop()
