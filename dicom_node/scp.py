@@ -111,6 +111,7 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
+        self.store.remove_incoming()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, _log_association("accepted")),

@@ -50,13 +50,37 @@ def _safe_component(uid: str) -> str:
     return uid
 
 
+#: Where files are written before they are renamed into place (same filesystem as the store).
+INCOMING = ".incoming"
+
+
 class InstanceStore:
-    """Files under ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
+    """Files under ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+
+    A file is first written under ``root/.incoming/`` and renamed into place once fsync'd, so a
+    process killed mid-write leaves its half-written file only there;
+    :meth:`remove_incoming` (called by the listener at start) clears them.
+    """
 
     def __init__(self, root: Path, db: StateDB) -> None:
         self.root = root
         self.db = db
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming = root / INCOMING
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def remove_incoming(self) -> int:
+        """Remove temporary files a killed listener left behind; returns how many.
+
+        Only the listener writes into the store, so call this before it accepts associations.
+        """
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
+        if removed:
+            log.warning("removed %d half-written file(s) left by a previous process", removed)
+        return removed
 
     def relative_path(self, key: InstanceKey) -> Path:
         return (
@@ -98,9 +122,10 @@ class InstanceStore:
         return StoreOutcome(final, duplicate=duplicate)
 
     def _write_durably(self, final: Path, data: bytes) -> None:
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        tmp = self.incoming / f"{final.name}.{secrets.token_hex(4)}.tmp"
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
+            self.incoming.mkdir(exist_ok=True)
             self._write_file(tmp, data)
             os.replace(tmp, final)
             _fsync_dir(final.parent)

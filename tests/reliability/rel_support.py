@@ -246,3 +246,69 @@ class RedisServer:
         if not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class InProcessNode:
+    """The listener and the store in this process (real associations on localhost)."""
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        from dicom_node.scp import StorageSCP
+        from dicom_node.settings import Settings
+        from dicom_node.store import InstanceStore
+
+        self.settings = Settings(
+            data_dir=data_dir, dicom_host="127.0.0.1", dicom_port=free_port(), **settings
+        )
+        self.db = StateDB(self.settings.sqlalchemy_url)
+        self.store = InstanceStore(self.settings.store_dir, self.db)
+        self.scp = StorageSCP(self.settings, self.store)
+
+    @property
+    def port(self) -> int:
+        return self.settings.dicom_port
+
+    def start(self) -> None:
+        self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.db.dispose()
+
+    def stored_files(self) -> set[str]:
+        """Relative paths of the instance files (the incoming folder excluded)."""
+        root = self.settings.store_dir
+        return {
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(".incoming/")
+        }
+
+    def incoming_files(self) -> list[Path]:
+        return sorted((self.settings.store_dir / ".incoming").glob("*"))
+
+    def rows(self) -> dict[str, str]:
+        with self.db.session() as session:
+            return {i.sop_instance_uid: i.path for i in session.scalars(select(Instance))}
+
+
+def send_datasets(
+    port: int, items: Sequence[Any], *, calling: str = "STORESCU", contexts: Sequence[str] = ()
+) -> list[int]:
+    """C-STORE each dataset or file over one pynetdicom association; the statuses."""
+    from pynetdicom import AE
+
+    from dicom_node.scp import STORAGE_SOP_CLASSES
+
+    ae = AE(ae_title=calling)
+    for sop_class in contexts or STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BREASTCAD")
+    assert assoc.is_established, "association not established"
+    try:
+        statuses = []
+        for item in items:
+            response = assoc.send_c_store(item)
+            statuses.append(int(response.Status) if "Status" in response else -1)
+        return statuses
+    finally:
+        assoc.release()
