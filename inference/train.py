@@ -165,13 +165,14 @@ def train(
     stem_pool: bool = True,
     batch_size: int = 32,
     lr: float = 2e-3,
-    weight_decay: float = 0.1,
+    weight_decay: float = 0.05,
+    cutout: bool = False,
     patience: int = 30,
     max_minutes: float = 13.0,
     threads: int = 2,
     widths: Sequence[int] = (32, 64, 128, 256),
     name: str = "us_busi",
-    version: str = "1.1.0",
+    version: str = "1.2.0",
 ) -> Path:
     """Train the ``modality`` classifier on ``data_dir`` and write it into ``out_dir``.
 
@@ -193,7 +194,7 @@ def train(
         labels = BUSI_LABELS
         samples = read_labels(data_dir)
         split = split_by_group(samples, seed=seed)
-        augment = augment_transform(size)
+        augment = augment_transform(size, cutout=cutout)
         augment.set_random_state(seed=seed)
         train_set = BusiDataset(data_dir, split["train"], size, augment=augment, labels=labels)
         val_set = BusiDataset(data_dir, split["val"], size, labels=labels)
@@ -373,7 +374,9 @@ def train(
                                           strict=True)),
                 "augmentation": (
                     "left-right flip, affine (rotation +-12 deg, zoom +-15%, shift +-6%), "
-                    "gamma, gain, Gaussian blur, Gaussian noise, coarse dropout (MONAI)"
+                    "gamma, gain, Gaussian blur, Gaussian noise"
+                    + (", coarse dropout (cutout)" if cutout else "")
+                    + " (MONAI)"
                 ),
                 "batch_size": batch_size,
                 "ema_decay": 0.98,
@@ -432,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-stem-pool", dest="stem_pool", action="store_false")
     parser.add_argument("--max-minutes", type=float, default=13.0)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--model-version", default="1.1.0", help="version written to the card")
+    parser.add_argument("--model-version", default="1.2.0", help="version written to the card")
     args = parser.parse_args(argv)
     data_dir = args.data if args.data is not None else shared_data_dir() / "busi"
     card_path = train(

@@ -70,29 +70,31 @@ def normalize_transform() -> Compose:
     return Compose([NormalizeIntensity()])
 
 
-def augment_transform(size: int) -> Compose:
+def augment_transform(size: int, cutout: bool = False) -> Compose:
     """Training-time augmentation of a preprocessed (1, size, size) image in [0, 1].
 
     Left-right flips only (the skin line stays at the top of an ultrasound image), small
     rotations, zoom and shifts, contrast/gamma, gain, blur, speckle-like noise and a few
-    blacked-out rectangles (cutout).
+    blacked-out rectangles (``cutout``; off by default: it did not help on BUSI validation).
     """
     shift = 0.06 * size
-    return Compose(
-        [
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandAffine(
-                prob=0.8,
-                rotate_range=np.deg2rad(12.0),
-                scale_range=(0.15, 0.15),
-                translate_range=(shift, shift),
-                padding_mode="zeros",
-                mode="bilinear",
-            ),
-            RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5)),
-            RandScaleIntensity(prob=0.3, factors=0.2),
-            RandGaussianSmooth(prob=0.15, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0)),
-            RandGaussianNoise(prob=0.2, std=0.03),
+    transforms: list[Transform] = [
+        RandFlip(prob=0.5, spatial_axis=1),
+        RandAffine(
+            prob=0.8,
+            rotate_range=np.deg2rad(12.0),
+            scale_range=(0.15, 0.15),
+            translate_range=(shift, shift),
+            padding_mode="zeros",
+            mode="bilinear",
+        ),
+        RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5)),
+        RandScaleIntensity(prob=0.3, factors=0.2),
+        RandGaussianSmooth(prob=0.15, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0)),
+        RandGaussianNoise(prob=0.2, std=0.03),
+    ]
+    if cutout:
+        transforms.append(
             RandCoarseDropout(
                 holes=1,
                 max_holes=3,
@@ -100,6 +102,6 @@ def augment_transform(size: int) -> Compose:
                 max_spatial_size=size // 5,
                 fill_value=0.0,
                 prob=0.25,
-            ),
-        ]
-    )
+            )
+        )
+    return Compose(transforms)
