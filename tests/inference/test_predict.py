@@ -18,7 +18,7 @@ def classifier() -> Classifier:
 
 
 @pytest.fixture(scope="module")
-def test_split(busi_dir: Path, classifier: Classifier) -> list[tuple[np.ndarray, str]]:
+def busi_test_split(busi_dir: Path, classifier: Classifier) -> list[tuple[np.ndarray, str]]:
     seed = int(classifier.card.data["split"]["seed"])
     split = split_by_group(read_labels(busi_dir), seed=seed)
     return [(load_image(busi_dir / s.path), s.label) for s in split["test"]]
@@ -44,15 +44,15 @@ def _check(prediction: Prediction, image: np.ndarray, classifier: Classifier) ->
 
 
 def test_split_sizes_match_the_card(
-    classifier: Classifier, test_split: list[tuple[np.ndarray, str]]
+    classifier: Classifier, busi_test_split: list[tuple[np.ndarray, str]]
 ) -> None:
-    assert len(test_split) == classifier.card.data["split"]["test"]["images"]
+    assert len(busi_test_split) == classifier.card.data["split"]["test"]["images"]
 
 
 def test_predictions_are_valid_and_deterministic(
-    classifier: Classifier, test_split: list[tuple[np.ndarray, str]]
+    classifier: Classifier, busi_test_split: list[tuple[np.ndarray, str]]
 ) -> None:
-    for image, _ in test_split[:: max(1, len(test_split) // 4)]:
+    for image, _ in busi_test_split[:: max(1, len(busi_test_split) // 4)]:
         first = classifier.predict(image)
         second = classifier.predict(image)
         _check(first, image, classifier)
@@ -62,9 +62,9 @@ def test_predictions_are_valid_and_deterministic(
 
 
 def test_grayscale_and_odd_sizes(
-    classifier: Classifier, test_split: list[tuple[np.ndarray, str]]
+    classifier: Classifier, busi_test_split: list[tuple[np.ndarray, str]]
 ) -> None:
-    rgb = test_split[0][0]
+    rgb = busi_test_split[0][0]
     gray = rgb[..., 0]
     prediction = classifier.predict(gray)
     _check(prediction, gray, classifier)
@@ -88,12 +88,12 @@ def test_rejects_non_uint8(classifier: Classifier) -> None:
 
 
 def test_accuracy_on_own_test_split(
-    classifier: Classifier, test_split: list[tuple[np.ndarray, str]]
+    classifier: Classifier, busi_test_split: list[tuple[np.ndarray, str]]
 ) -> None:
     from sklearn.metrics import roc_auc_score
 
-    predictions = classifier.predict_batch([image for image, _ in test_split])
-    truth = [label for _, label in test_split]
+    predictions = classifier.predict_batch([image for image, _ in busi_test_split])
+    truth = [label for _, label in busi_test_split]
     accuracy = np.mean([p.label == t for p, t in zip(predictions, truth, strict=True)])
     # Chance is 0.58 for always "benign"; a broken model fails this.
     assert accuracy > 0.65, f"accuracy {accuracy:.3f} on the test split"
@@ -105,12 +105,12 @@ def test_accuracy_on_own_test_split(
     card_test = classifier.card.data["metrics"]["test"]
     assert accuracy == pytest.approx(card_test["accuracy"], abs=0.03)
     assert auc == pytest.approx(card_test["macro_auc_ovr"], abs=0.02)
-    single = classifier.predict(test_split[0][0])
+    single = classifier.predict(busi_test_split[0][0])
     assert single.probabilities == pytest.approx(predictions[0].probabilities, abs=1e-5)
 
 
 def test_hflip_test_time_augmentation(
-    classifier: Classifier, test_split: list[tuple[np.ndarray, str]]
+    classifier: Classifier, busi_test_split: list[tuple[np.ndarray, str]]
 ) -> None:
     import dataclasses
 
@@ -124,7 +124,7 @@ def test_hflip_test_time_augmentation(
     )
     flipping = Classifier(flip_card, classifier.module)
     plain = Classifier(plain_card, classifier.module)
-    image = test_split[1][0]
+    image = busi_test_split[1][0]
     mirrored = np.ascontiguousarray(image[:, ::-1])
     with torch.no_grad():
         logits = (
