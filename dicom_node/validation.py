@@ -36,6 +36,7 @@ DATASET_DECODE_ERRORS: tuple[type[BaseException], ...] = (
     AttributeError,
     struct.error,
     UnicodeDecodeError,
+    RecursionError,  # sequences nested a few hundred deep
 )
 
 

@@ -292,7 +292,12 @@ class InProcessNode:
 
 
 def send_datasets(
-    port: int, items: Sequence[Any], *, calling: str = "STORESCU", contexts: Sequence[str] = ()
+    port: int,
+    items: Sequence[Any],
+    *,
+    calling: str = "STORESCU",
+    contexts: Sequence[str] = (),
+    transfer_syntaxes: Sequence[str] | None = None,
 ) -> list[int]:
     """C-STORE each dataset or file over one pynetdicom association; the statuses."""
     from pynetdicom import AE
@@ -301,7 +306,11 @@ def send_datasets(
 
     ae = AE(ae_title=calling)
     for sop_class in contexts or STORAGE_SOP_CLASSES:
-        ae.add_requested_context(sop_class)
+        if transfer_syntaxes is None:
+            ae.add_requested_context(sop_class)
+        else:  # one context per transfer syntax: the acceptor picks one per context
+            for syntax in transfer_syntaxes:
+                ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="BREASTCAD")
     assert assoc.is_established, "association not established"
     try:

@@ -73,7 +73,7 @@ def test_worker_killed_mid_analysis_job_completes_once(
     files = make_series(busi_png_paths(shared_data, "benign")[:24], tmp_path / "src")
     node = _distributed_node(
         tmp_path, orthanc.dicom_port, redis_server, postgres_db,
-        job_timeout_seconds=20, job_max_attempts=3,
+        job_timeout_seconds=12, job_max_attempts=3,
     )  # fmt: skip
     node.start()
     try:
