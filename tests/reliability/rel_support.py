@@ -242,6 +242,15 @@ class RedisServer:
         finally:
             client.close()
 
+    def hlen(self, key: str) -> int:
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            return int(client.hlen(key))  # type: ignore[arg-type]
+        finally:
+            client.close()
+
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
             return ""

@@ -81,8 +81,12 @@ def test_worker_killed_mid_analysis_job_completes_once(
         job = _running_job(node)
         assert job["attempts"] == 1
         node.workers[0].stop(signal.SIGKILL)
-        # the killed worker acknowledged nothing: the job row still says running
+        # the killed worker acknowledged nothing: the job row still says running, and the
+        # message sits in kombu's "unacked" hash (nothing rejected it: with the solo pool the
+        # process that died was the worker itself)
         assert [j["state"] for j in jobs(node)] == ["running"]
+        assert redis_server.hlen("unacked") == 1
+        assert redis_server.llen("breastcad") == 0
         node.start_worker(1)
         [finished] = node.wait_for_jobs(1, timeout=150)
         assert finished["state"] == "done", finished
