@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -26,13 +27,17 @@ def send_files(
     calling_ae: str,
     timeout: float = 30.0,
 ) -> None:
-    """Send every file in one association; raise DeliveryError unless all were stored."""
-    datasets = [dcmread(path) for path in files]
+    """Send every file in one association; raise DeliveryError unless all were stored.
+
+    Only the headers are read up front (for the presentation contexts); each file is read whole
+    just before it is sent, so a delivery of large instances holds one of them in memory.
+    """
+    headers = [dcmread(path, stop_before_pixels=True) for path in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
-    pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in headers}
     for sop_class, transfer_syntax in sorted(pairs):
         syntaxes = [transfer_syntax]
         if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
@@ -46,13 +51,26 @@ def send_files(
         )
     failures: list[str] = []
     try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
+        for index, (path, header) in enumerate(zip(files, headers, strict=True)):
+            try:
+                status = assoc.send_c_store(dcmread(path)) if assoc.is_established else Dataset()
+            except RuntimeError:
+                # pynetdicom raises when the peer aborted between our check and the send
+                status = Dataset()
             code = int(status.Status) if "Status" in status else None
             if code is None:
-                failures.append(f"{ds.SOPInstanceUID}: no response (connection lost or timeout)")
-            elif code not in (0x0000, 0xB000, 0xB006, 0xB007):
-                failures.append(f"{ds.SOPInstanceUID}: status 0x{code:04X}")
+                # no answer: the association is gone (aborted, timed out); nothing more is sent
+                # on it, so the remaining objects fail now instead of each awaiting a timeout
+                failures.append(
+                    f"{header.SOPInstanceUID}: no response (connection lost or timeout)"
+                )
+                failures.extend(
+                    f"{rest.SOPInstanceUID}: not sent, association lost"
+                    for rest in headers[index + 1 :]
+                )
+                break
+            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                failures.append(f"{header.SOPInstanceUID}: status 0x{code:04X}")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -60,7 +78,7 @@ def send_files(
         raise DeliveryError("; ".join(failures))
     log.info(
         "delivered %d object(s) to %s@%s:%d",
-        len(datasets),
+        len(headers),
         destination.ae_title,
         destination.host,
         destination.port,

@@ -125,12 +125,6 @@ def test_refusing_destination_retries_with_backoff_then_delivers_or_fails_visibl
         node.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dicom_node/scu.py send_files goes on sending the next object on an association the "
-    "peer aborted, and waits the whole DIMSE timeout (30 s) for an answer that cannot come; "
-    "fix: stop the loop once `assoc.is_established` is false (see docs/RELIABILITY.md)",
-)
 def test_destination_aborting_mid_transfer_fails_the_attempt_at_once(
     shared_data: Path, tmp_path: Path
 ) -> None:
@@ -150,7 +144,6 @@ def test_destination_aborting_mid_transfer_fails_the_attempt_at_once(
             assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
             [failed] = wait_until(lambda: _deliveries(node, "failed"), 90, "a failed delivery")
         # after the abort nothing more is sent on the dead association: one failure reported
-        # (today: the SC is sent too, and its failure comes after a 30 s DIMSE timeout)
         assert str(failed["last_error"]).count("no response") == 1, failed["last_error"]
     finally:
         node.stop()
