@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+# Before torch is imported anywhere in this process: OpenMP threads that spin-wait make torch 2-4x
+# slower on a shared 2-core machine whenever another process is busy (measured here).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dicom_node.settings import ConfigError, Settings, load_settings
 
