@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 
 from dicom_node.db import (
     Delivery,
+    DeliveryAttempt,
     DeliveryState,
     Instance,
     Job,
@@ -79,6 +80,7 @@ class Dispatcher:
             self.complete_quiet_series()
             self.send_pending_jobs()
             self.resend_lost_jobs()
+            self.recover_lost_deliveries()
             self.send_due_deliveries()
         except SQLAlchemyError as exc:
             log.error("dispatcher pass failed, retrying: %s", exc)
@@ -202,6 +204,43 @@ class Dispatcher:
         for job_id in waiting:
             log.warning("job %d: its message was lost, sending it again", job_id)
             self._send_job(job_id, from_states=(JobState.QUEUED,))
+
+    def recover_lost_deliveries(self) -> None:
+        """A delivery ``sending`` for longer than ``job_timeout_seconds`` lost its worker (killed
+        mid-send): its attempt counts as failed; it is due again, or failed after
+        ``delivery_max_attempts``. (The embedded layout also does this at start-up.)"""
+        now = utcnow()
+        stale = now - timedelta(seconds=self.settings.job_timeout_seconds)
+        reason = (
+            f"no outcome after {self.settings.job_timeout_seconds:.0f} s: "
+            "the sending worker was lost"
+        )
+        with self.db.session() as session:
+            lost = session.scalars(
+                select(Delivery).where(
+                    Delivery.state == DeliveryState.SENDING, Delivery.updated_at <= stale
+                )
+            ).all()
+            for delivery in lost:
+                changed_rows(
+                    session,
+                    update(DeliveryAttempt)
+                    .where(
+                        DeliveryAttempt.delivery_id == delivery.id,
+                        DeliveryAttempt.finished_at.is_(None),
+                    )
+                    .values(finished_at=now, ok=False, error=reason),
+                )
+                delivery.last_error = reason
+                delivery.updated_at = now
+                if delivery.attempts >= self.settings.delivery_max_attempts:
+                    delivery.state = DeliveryState.FAILED
+                    log.error("delivery %d failed for good: %s", delivery.id, reason)
+                else:
+                    delivery.state = DeliveryState.PENDING
+                    delivery.next_attempt_at = now
+                    delivery.dispatched_at = None
+                    log.warning("delivery %d: %s; sending it again", delivery.id, reason)
 
     def send_due_deliveries(self) -> None:
         now = utcnow()

@@ -16,6 +16,7 @@ back to ``pending`` and sends a new message; the attempt count on the row bounds
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from rel_support import (
 )
 from support.dcmtk import require_tool, storescu
 from support.orthanc import OrthancServer
+from support.ports import free_port
 from support.shared_data import busi_png_paths
 
 pytestmark = pytest.mark.e2e
@@ -167,3 +169,78 @@ def test_job_that_kills_its_worker_every_time_fails_after_max_attempts(
         raise
     finally:
         node.stop()
+
+
+def test_worker_killed_mid_delivery_delivery_is_recovered_and_completes(
+    shared_data: Path,
+    redis_server: RedisServer,
+    postgres_db: str,
+    tmp_path: Path,
+) -> None:
+    """The worker dies while its C-STORE to the PACS is in flight (``storescp --sleep-during``):
+    the delivery row says ``sending`` with nobody sending; the dispatcher's sweep makes it due
+    again after ``job_timeout_seconds`` and a new worker delivers it."""
+    require_tool("storescu")
+    storescp = require_tool("storescp")
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    files = make_series(busi_png_paths(shared_data, "normal")[20:22], tmp_path / "src")
+    node = Node(
+        tmp_path / "node",
+        pacs_port=port,
+        pacs_aet="STORESCP",
+        broker_url=redis_server.url,
+        database_url=postgres_db,
+        embedded_worker=False,
+        workers=1,
+        extra={"job_timeout_seconds": 6, "delivery_max_attempts": 3},
+    )
+    slow = subprocess.Popen(
+        [storescp, "-aet", "STORESCP", "--sleep-during", "60", "-od", str(tmp_path), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    node.start()
+    try:
+        assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
+
+        def sending() -> list[dict[str, Any]]:
+            items: list[dict[str, Any]] = node.client.get(
+                "/deliveries", params={"state": "sending"}
+            ).json()["items"]
+            return items
+
+        [delivery] = wait_until(sending, 120, "a delivery in flight", step=0.05)
+        node.workers[0].stop(signal.SIGKILL)
+        slow.terminate()
+        slow.wait(10)
+        with subprocess.Popen(
+            [storescp, "-aet", "STORESCP", "-od", str(received), str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ) as pacs:
+            try:
+                node.start_worker(1)
+
+                def done() -> dict[str, Any] | None:
+                    d: dict[str, Any] = node.client.get(f"/deliveries/{delivery['id']}").json()
+                    return d if d["state"] == "done" else None
+
+                final = wait_until(done, 90, "the recovered delivery")
+            finally:
+                pacs.terminate()
+        assert final["attempts"] == 2
+        first, second = final["attempt_log"]
+        assert not first["ok"] and "worker was lost" in first["error"]
+        assert second["ok"]
+        assert {p.name[:2] for p in received.iterdir()} == {"SR", "SC"}
+        assert [j["state"] for j in jobs(node)] == ["done"]
+    except AssertionError:
+        print(node.log_tail())
+        raise
+    finally:
+        node.stop()
+        if slow.poll() is None:
+            slow.terminate()
+            slow.wait(10)
