@@ -244,3 +244,36 @@ def test_worker_killed_mid_delivery_delivery_is_recovered_and_completes(
         if slow.poll() is None:
             slow.terminate()
             slow.wait(10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="workers/tasks.py: an analysis longer than job_timeout_seconds is re-queued while it "
+    "runs; the second attempt's result collides with the first (unique results.job_id) and the "
+    "task's catch-all puts the finished job back to pending (docs/RELIABILITY.md, open problem 3)",
+)
+def test_analysis_longer_than_job_timeout_is_not_run_twice(
+    shared_data: Path, redis_server: RedisServer, postgres_db: str, tmp_path: Path
+) -> None:
+    require_tool("storescu")
+    files = make_series(busi_png_paths(shared_data, "benign")[40:64], tmp_path / "src")
+    node = Node(
+        tmp_path / "node",
+        pacs_port=9,
+        broker_url=redis_server.url,
+        database_url=postgres_db,
+        embedded_worker=False,
+        workers=2,
+        extra={"job_timeout_seconds": 1, "job_max_attempts": 3, "routes": []},
+    )
+    node.start()
+    try:
+        assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
+        [job] = node.wait_for_jobs(1, timeout=120)
+        time.sleep(3)  # let any second attempt finish too
+        [job] = jobs(node)
+        print(f"job after a too-short job_timeout_seconds: {job}")
+        assert job["state"] == "done", job
+        assert job["attempts"] == 1, job
+    finally:
+        node.stop()
