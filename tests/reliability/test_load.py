@@ -26,6 +26,7 @@ from rel_support import (
     node_logs,
     peak_rss_mib,
     sqlalchemy_url,
+    start_distributed,
     storescu_outcomes,
     storescu_popen,
 )
@@ -70,7 +71,7 @@ def test_twenty_concurrent_associations_every_instance_stored_and_analysed_once(
         broker_url=redis_server.url,
         database_url=postgres_db,
         embedded_worker=False,
-        workers=2,
+        workers=0,
         extra={
             "routes": [],
             # + 4: the harness's readiness probe (a TCP connect + close on the DICOM port, like
@@ -81,7 +82,7 @@ def test_twenty_concurrent_associations_every_instance_stored_and_analysed_once(
             "torch_threads": 1,
         },
     )
-    node.start()
+    start_distributed(node, 2)
     try:
         started = time.monotonic()
         procs = [
@@ -120,6 +121,7 @@ def test_twenty_concurrent_associations_every_instance_stored_and_analysed_once(
         assert analysed == total
 
         assert node.server is not None
+        assert all(w.alive() for w in node.workers), node.log_tail()
         rss = {"serve": peak_rss_mib(node.server.process.pid)}
         for worker in node.workers:
             rss[worker.name] = peak_rss_mib(worker.process.pid)

@@ -30,6 +30,7 @@ from rel_support import (
     jobs,
     make_series,
     node_logs,
+    start_distributed,
     wait_until,
 )
 from support.dcmtk import require_tool, storescu
@@ -59,7 +60,7 @@ def _distributed_node(
         broker_url=redis.url,
         database_url=database_url,
         embedded_worker=False,
-        workers=1,
+        workers=0,  # started by start_distributed, after serve
         extra=extra,
     )
 
@@ -77,7 +78,7 @@ def test_worker_killed_mid_analysis_job_completes_once(
         tmp_path, orthanc.dicom_port, redis_server, postgres_db,
         job_timeout_seconds=12, job_max_attempts=3,
     )  # fmt: skip
-    node.start()
+    start_distributed(node, 1)
     try:
         assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
         job = _running_job(node)
@@ -139,7 +140,7 @@ def test_job_that_kills_its_worker_every_time_fails_after_max_attempts(
         tmp_path, 9, redis_server, postgres_db,
         job_timeout_seconds=6, job_max_attempts=max_attempts,
     )  # fmt: skip
-    node.start()
+    start_distributed(node, 1)
     try:
         assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
         for attempt in range(1, max_attempts + 1):
@@ -193,7 +194,7 @@ def test_worker_killed_mid_delivery_delivery_is_recovered_and_completes(
         broker_url=redis_server.url,
         database_url=postgres_db,
         embedded_worker=False,
-        workers=1,
+        workers=0,
         extra={"job_timeout_seconds": 6, "delivery_max_attempts": 3},
     )
     slow = subprocess.Popen(
@@ -201,7 +202,7 @@ def test_worker_killed_mid_delivery_delivery_is_recovered_and_completes(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    node.start()
+    start_distributed(node, 1)
     try:
         assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
 
@@ -263,10 +264,10 @@ def test_analysis_longer_than_job_timeout_is_not_run_twice(
         broker_url=redis_server.url,
         database_url=postgres_db,
         embedded_worker=False,
-        workers=2,
+        workers=0,
         extra={"job_timeout_seconds": 1, "job_max_attempts": 3, "routes": []},
     )
-    node.start()
+    start_distributed(node, 2)
     try:
         assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
         [job] = node.wait_for_jobs(1, timeout=120)
