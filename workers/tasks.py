@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dicom_node.db import (
     Delivery,
@@ -98,10 +100,16 @@ def analyse(ctx: WorkerContext, job_id: int) -> str:
             ctx, job_id, JobState.FAILED, f"gave up after {job.attempts - 1} attempts"
         )
     try:
-        result_id, delivery_ids = _analyse_series(ctx, job)
+        with _heartbeat(ctx, job_id):
+            result_id, delivery_ids = _analyse_series(ctx, job)
     except AnalysisFailed as exc:
         log.warning("job %d failed: %s", job_id, exc)
         return _finish_job(ctx, job_id, JobState.FAILED, str(exc))
+    except IntegrityError:
+        # the job was re-queued while this attempt ran (it outlived job_timeout_seconds) and the
+        # other attempt stored the result first (results.job_id is unique): same result, done
+        log.warning("job %d: another attempt already stored its result", job_id)
+        return JobState.DONE
     except Exception as exc:  # noqa: BLE001 - the task boundary: any error becomes the job's reason
         log.exception("job %d: unexpected error", job_id)
         if job.attempts < ctx.settings.job_max_attempts:
@@ -109,7 +117,7 @@ def analyse(ctx: WorkerContext, job_id: int) -> str:
                 changed_rows(
                     session,
                     update(Job)
-                    .where(Job.id == job_id)
+                    .where(Job.id == job_id, Job.state == JobState.RUNNING)
                     .values(state=JobState.PENDING, reason=f"{type(exc).__name__}: {exc}"),
                 )
             return JobState.PENDING
@@ -123,11 +131,44 @@ def analyse(ctx: WorkerContext, job_id: int) -> str:
     return JobState.DONE
 
 
+@contextmanager
+def _heartbeat(ctx: WorkerContext, job_id: int) -> Iterator[None]:
+    """Renew the running job's lease (``started_at``) while this attempt is alive.
+
+    The dispatcher re-queues a running job whose lease is older than ``job_timeout_seconds``: with
+    the lease renewed every third of that, only a job whose worker died is taken back, however
+    long its analysis takes.
+    """
+    stop = threading.Event()
+    interval = max(0.1, ctx.settings.job_timeout_seconds / 3)
+
+    def renew() -> None:
+        while not stop.wait(interval):
+            try:
+                with ctx.db.session() as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                        .values(started_at=utcnow())
+                    )
+            except SQLAlchemyError as exc:
+                log.warning("job %d: cannot renew its lease: %s", job_id, exc)
+
+    thread = threading.Thread(target=renew, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def _finish_job(ctx: WorkerContext, job_id: int, state: JobState, reason: str | None) -> str:
+    """End a running job; a job another attempt already finished keeps its state."""
     with ctx.db.session() as session:
         session.execute(
             update(Job)
-            .where(Job.id == job_id)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING)
             .values(state=state, reason=reason, finished_at=utcnow())
         )
     return state
