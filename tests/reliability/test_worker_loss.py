@@ -247,15 +247,12 @@ def test_worker_killed_mid_delivery_delivery_is_recovered_and_completes(
             slow.wait(10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers/tasks.py: an analysis longer than job_timeout_seconds is re-queued while it "
-    "runs; the second attempt's result collides with the first (unique results.job_id) and the "
-    "task's catch-all puts the finished job back to pending (docs/RELIABILITY.md, open problem 3)",
-)
 def test_analysis_longer_than_job_timeout_is_not_run_twice(
     shared_data: Path, redis_server: RedisServer, postgres_db: str, tmp_path: Path
 ) -> None:
+    """A live worker slower than ``job_timeout_seconds`` keeps its job (it renews its lease):
+    one attempt, ``done``. Before workers/tasks.py renewed the lease (commit 5bd3ad40) the sweep
+    re-queued it twice and the job ended ``failed`` beside its stored result."""
     require_tool("storescu")
     files = make_series(busi_png_paths(shared_data, "benign")[40:64], tmp_path / "src")
     node = Node(
