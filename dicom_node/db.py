@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     make_url,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -193,7 +194,14 @@ class StateDB:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
+        if self.is_sqlite:
+            Base.metadata.create_all(self.engine)
+        else:
+            # node and workers starting together on a fresh database would race in CREATE TABLE
+            # (a UniqueViolation killed a worker at start-up): one creates, the others wait
+            with self.engine.begin() as connection:
+                connection.execute(text("SELECT pg_advisory_xact_lock(724011)"))
+                Base.metadata.create_all(connection)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
