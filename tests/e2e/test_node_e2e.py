@@ -6,7 +6,6 @@ Embedded layout (in-memory broker, worker thread, SQLite) and distributed layout
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -202,21 +201,6 @@ def redis_db() -> Iterator[str]:
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
-
-
-@pytest.fixture
-def postgres_db() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    admin = "postgresql://postgres@127.0.0.1:5432/test"
-    name = f"breastcad_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL reachable at {admin}: {exc}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_distributed_node_end_to_end(

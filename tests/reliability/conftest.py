@@ -8,7 +8,6 @@ restart loses every message, as a broker without persistence would), PostgreSQL 
 
 from __future__ import annotations
 
-import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,6 @@ if _E2E not in sys.path:
 
 from rel_support import RedisServer  # noqa: E402
 
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
@@ -31,21 +28,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def postgres_db() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"breastcad_rel_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL reachable at {POSTGRES_ADMIN}: {exc}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
