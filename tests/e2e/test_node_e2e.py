@@ -6,6 +6,7 @@ Embedded layout (in-memory broker, worker thread, SQLite) and distributed layout
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.e2e
 SR_FINDING = "121071"  # DCM "Finding"
 FINDING_CODES = {"malignant": "254837009", "benign": "92115009", "normal": "111287"}
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-REDIS_URL = "redis://127.0.0.1:6379/9"
+# Several checkouts may run this suite at once against the one Redis: each picks its own db.
+REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('BREASTCAD_TEST_REDIS_DB', '9')}"
 
 
 @dataclass
