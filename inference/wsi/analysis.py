@@ -66,6 +66,7 @@ class SlideAnalysis:
     threshold: float
     slide_probabilities: dict[str, float]
     aggregator: str
+    aggregator_version: str | None
     thumbnail: npt.NDArray[np.uint8]
     thumbnail_mpp: float
     saturation_threshold: float
@@ -308,6 +309,7 @@ def analyse_slide(
         threshold=threshold,
         slide_probabilities=slide_probabilities,
         aggregator=aggregator_name,
+        aggregator_version=aggregator.version if stream is not None and aggregator else None,
         thumbnail=thumbnail,
         thumbnail_mpp=thumbnail_mpp,
         saturation_threshold=saturation_threshold,
