@@ -45,7 +45,10 @@ def otsu_threshold(values: npt.NDArray[np.floating], bins: int = 256) -> float:
         sum_below[-1] - sum_below, above, out=np.zeros_like(sum_below), where=above > 0
     )
     between = below * above * (mean_below - mean_above) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+    # two separated populations give a plateau of equal maxima (any cut in the gap): take its
+    # middle, not its first bin
+    best = np.flatnonzero(between >= between.max() * (1.0 - 1e-9))
+    return float(edges[int(round((best[0] + best[-1]) / 2)) + 1])
 
 
 def tissue_mask(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.bool_], float]:

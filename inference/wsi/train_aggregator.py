@@ -106,7 +106,8 @@ def assemble_bags(
         own = list(rng.permutation(negatives))[:need]
         chosen += own
         if len(own) < need:
-            chosen += list(rng.choice(all_negative, size=need - len(own), replace=False))
+            others = all_negative[~np.isin(all_negative, negatives)]
+            chosen += list(rng.choice(others, size=need - len(own), replace=False))
         bags.append((np.asarray(rng.permutation(chosen), dtype=np.int64), label))
     return bags
 

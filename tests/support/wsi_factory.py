@@ -426,3 +426,48 @@ def grid_iou(predicted: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> 
 
 def patient_ids(patches: Sequence[IdcPatch]) -> list[str]:
     return sorted({p.patient_id for p in patches}, key=lambda pid: (len(pid), pid))
+
+
+def make_patch_model(directory: Path, seed: int = 0) -> Path:
+    """A small, untrained SM patch model (BusiCNN, labels non_idc/idc, 50 px) and its card.
+
+    For tests of the pipeline's mechanics (batching, streaming, equality with
+    ``Classifier.predict_batch``): its outputs are deterministic but meaningless.
+    """
+    import json
+
+    import torch
+
+    from inference.card import sha256_file
+    from inference.networks import BusiCNN
+
+    params = {
+        "in_channels": 1,
+        "num_classes": 2,
+        "widths": [8, 16],
+        "blocks_per_stage": 1,
+        "dropout": 0.0,
+        "stem_pool": False,
+    }
+    torch.manual_seed(seed)
+    network = BusiCNN(**params)  # type: ignore[arg-type]
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "sm_untrained.pt"
+    torch.save(network.state_dict(), weights)
+    card = {
+        "name": "sm_untrained",
+        "version": "0.0.1",
+        "modality": "SM",
+        "architecture": "BusiCNN",
+        "architecture_params": params,
+        "input_size": 50,
+        "in_channels": 1,
+        "labels": ["non_idc", "idc"],
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
+        "test_time_augmentation": "hflip",
+        "temperature": 1.5,
+    }
+    path = directory / "sm_untrained.json"
+    path.write_text(json.dumps(card))
+    return path
