@@ -48,6 +48,7 @@ from inference import (
 from reports import build_results, overlay_png
 from reports.triage import is_priority, suspicion
 from workers.routing import ResultFacts, route
+from workers.slide import SlidePipelineError, analyse_slide_series
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -278,15 +279,22 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
     except ModelNotAvailableError as exc:
         raise AnalysisFailed(str(exc)) from exc
     images: list[np.ndarray] = []
-    for ds in datasets:
-        try:
-            images.append(image_from_dataset(ds, frame=0))
-        except ValueError as exc:
-            raise AnalysisFailed(
-                f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"
-            ) from exc
     started = time.perf_counter()
-    predictions = [classifier.predict(image) for image in images]
+    if modality == "SM":  # whole slides: the pyramid is read region by region (workers/slide.py)
+        try:
+            slide = analyse_slide_series(datasets, classifier)
+        except SlidePipelineError as exc:
+            raise AnalysisFailed(str(exc)) from exc
+        datasets, images, predictions = [slide.source], [slide.image], [slide.prediction]
+    else:
+        for ds in datasets:
+            try:
+                images.append(image_from_dataset(ds, frame=0))
+            except ValueError as exc:
+                raise AnalysisFailed(
+                    f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"
+                ) from exc
+        predictions = [classifier.predict(image) for image in images]
     inference_seconds = time.perf_counter() - started
     series_prediction = aggregate(predictions)
     suspicious = suspicion(series_prediction.probabilities)
