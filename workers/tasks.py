@@ -192,7 +192,8 @@ def _load_datasets(
     for row in rows:
         path = ctx.settings.store_dir / row.path
         try:
-            datasets.append(dcmread(path))
+            # pixel data is read when decoded (a whole-slide pyramid is never loaded whole)
+            datasets.append(dcmread(path, defer_size="1 MB"))
         except (OSError, InvalidDicomError) as exc:
             raise AnalysisFailed(
                 f"cannot read stored instance {row.sop_instance_uid}: {exc}"

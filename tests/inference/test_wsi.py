@@ -312,3 +312,31 @@ def test_assembled_slide_holds_the_patches_where_their_names_say(idc_dir: Path) 
     )
     assert assembled.truth[(patch.y - y0) // 50, (patch.x - x0) // 50] == patch.label
     assert patient in split_patients({p.patient_id for p in read_idc_patches(idc_dir)})["test"]
+
+
+def test_sparse_pyramid_gives_the_same_tile_map(
+    idc_dir: Path, untrained: Classifier, tmp_path: Path
+) -> None:
+    """TILED_SPARSE (bare-glass tiles left out, per-frame positions) reads like TILED_FULL."""
+    require_tool("dciodvfy")
+    patient = split_test_patients(idc_dir)[1]
+    full, _ = write_patient_slide(idc_dir, patient, tmp_path / "full")
+    sparse, _ = write_patient_slide(idc_dir, patient, tmp_path / "sparse", sparse=True)
+    base = pydicom.dcmread(sparse[0], stop_before_pixels=True)
+    assert base.DimensionOrganizationType == "TILED_SPARSE"
+    assert int(base.NumberOfFrames) < -(-base.TotalPixelMatrixColumns // 256) * -(
+        -base.TotalPixelMatrixRows // 256
+    )
+    errors = dciodvfy(sparse[0]).errors
+    # dicom3tools checks the frame count of every tiled image against a full tiling, sparse or
+    # not (PS3.3 sets no such count for TILED_SPARSE); that is the only complaint
+    assert all("NumberOfFrames does not match expected value" in e for e in errors), errors
+    with WholeSlide.open(full) as slide:
+        a = analyse_slide(slide, untrained)
+    with WholeSlide.open(sparse) as slide:
+        b = analyse_slide(slide, untrained)
+    np.testing.assert_array_equal(a.tissue, b.tissue)
+    pa, pb = a.probability_map[a.tissue], b.probability_map[b.tissue]
+    # a tile reaching into a left-out frame reads white (255) there instead of glass (238)
+    assert np.mean(np.abs(pa - pb) < 1e-5) >= 0.97
+    np.testing.assert_allclose(pa, pb, atol=0.05)

@@ -198,6 +198,9 @@ def _header(
     shared = Dataset()
     shared.PixelMeasuresSequence = DicomSequence([measures])
     shared.WholeSlideMicroscopyImageFrameTypeSequence = DicomSequence([frame_type])
+    optical = Dataset()
+    optical.OpticalPathIdentifier = "1"
+    shared.OpticalPathIdentificationSequence = DicomSequence([optical])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     return ds
 
@@ -219,6 +222,43 @@ def _encode(tile: npt.NDArray[np.uint8], transfer_syntax: str, quality: int) -> 
     return buffer.getvalue()
 
 
+def _is_glass(tile: npt.NDArray[np.uint8]) -> bool:
+    return int(tile.min()) >= GLASS - 12
+
+
+def _sparse_positions(
+    ds: Dataset, kept: list[tuple[int, int]], tile: int, spacing_mm: float
+) -> None:
+    """TILED_SPARSE: one Plane Position (Slide) per frame and the dimensions that index them."""
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    organisation = ds.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    indices = []
+    for pointer, label in ((0x0048021E, "Column position"), (0x0048021F, "Row position")):
+        item = Dataset()
+        item.DimensionOrganizationUID = organisation
+        item.DimensionIndexPointer = pointer
+        item.FunctionalGroupPointer = 0x0048021A
+        item.DimensionDescriptionLabel = label
+        indices.append(item)
+    ds.DimensionIndexSequence = DicomSequence(indices)
+    frames = []
+    for r, c in kept:
+        position = Dataset()
+        column, row = c * tile + 1, r * tile + 1
+        position.ColumnPositionInTotalImagePixelMatrix = column
+        position.RowPositionInTotalImagePixelMatrix = row
+        position.XOffsetInSlideCoordinateSystem = f"{20.0 - (row - 1) * spacing_mm:.6f}"
+        position.YOffsetInSlideCoordinateSystem = f"{40.0 - (column - 1) * spacing_mm:.6f}"
+        position.ZOffsetInSlideCoordinateSystem = "0.0"
+        content = Dataset()
+        content.DimensionIndexValues = [column, row]
+        frame = Dataset()
+        frame.PlanePositionSlideSequence = DicomSequence([position])
+        frame.FrameContentSequence = DicomSequence([content])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+
+
 def write_pyramid(
     out_dir: Path,
     render: Render,
@@ -232,12 +272,15 @@ def write_pyramid(
     transfer_syntax: str = JPEGBaseline8Bit,
     quality: int = 90,
     min_level_size: int = 256,
+    sparse: bool = False,
 ) -> list[Path]:
     """Write the pyramid of a ``width`` x ``height`` slide at ``mpp`` µm/pixel; one file a level.
 
     ``render(downsample, x, y, w, h)`` returns the (h, w, 3) uint8 region at that downsample
     (pixel coordinates of that level). Levels go down by 2 until both sides are at most
     ``min_level_size`` (or ``levels`` levels). Returns the files, base level first.
+    ``sparse`` writes TILED_SPARSE instances that leave out the tiles of bare glass, each frame
+    with its position (a test-size option: the slide is rendered twice).
     """
     patient = patient or SlidePatient()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,13 +294,24 @@ def write_pyramid(
         level_w = max(1, -(-width // downsample))
         level_h = max(1, -(-height // downsample))
         cols, rows = -(-level_w // tile), -(-level_h // tile)
+        kept = [(r, c) for r in range(rows) for c in range(cols)]
+        if sparse:
+            kept = []
+            for r in range(rows):
+                band = render(downsample, 0, r * tile, cols * tile, tile)
+                kept += [
+                    (r, c) for c in range(cols)
+                    if not _is_glass(band[:, c * tile : (c + 1) * tile])
+                ]
+            if not kept:
+                kept = [(0, 0)]
         ds = _header(
             patient,
             width=level_w,
             height=level_h,
             mpp=mpp * downsample,
             tile=tile,
-            frames=rows * cols,
+            frames=len(kept),
             base=index == 0,
             instance_number=index + 1,
             frame_of_reference=frame_of_reference,
@@ -265,35 +319,40 @@ def write_pyramid(
             specimen_uid=specimen_uid,
             transfer_syntax=transfer_syntax,
         )
+        if sparse:
+            _sparse_positions(ds, kept, tile, mpp * downsample / 1000.0)
+        wanted = set(kept)
         path = out_dir / f"level-{index}.dcm"
         encapsulated = transfer_syntax != ExplicitVRLittleEndian
         if not encapsulated:
-            ds.PixelData = b"\0" * (rows * cols * tile * tile * 3)
+            ds.PixelData = b"\0" * (len(kept) * tile * tile * 3)
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        if encapsulated:
-            with path.open("ab") as handle:
+        with path.open("r+b") as handle:
+            if encapsulated:
+                handle.seek(0, io.SEEK_END)
                 handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
                 handle.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0))  # empty offset table
-                for r in range(rows):
-                    band = render(downsample, 0, r * tile, cols * tile, tile)
-                    for c in range(cols):
-                        data = _encode(band[:, c * tile : (c + 1) * tile], transfer_syntax, quality)
-                        if len(data) % 2:
-                            data += b"\0"
-                        handle.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
-                        handle.write(data)
+            else:
+                # native pixels overwrite the placeholder in place
+                handle.seek(path.stat().st_size - len(kept) * tile * tile * 3)
+            for r in range(rows):
+                if not any((r, c) in wanted for c in range(cols)):
+                    continue
+                band = render(downsample, 0, r * tile, cols * tile, tile)
+                for c in range(cols):
+                    if (r, c) not in wanted:
+                        continue
+                    part = np.ascontiguousarray(band[:, c * tile : (c + 1) * tile])
+                    if not encapsulated:
+                        handle.write(part.tobytes())
+                        continue
+                    data = _encode(part, transfer_syntax, quality)
+                    if len(data) % 2:
+                        data += b"\0"
+                    handle.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
+                    handle.write(data)
+            if encapsulated:
                 handle.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
-        else:
-            # native pixels: overwrite the placeholder in place, band by band
-            size = path.stat().st_size
-            start = size - rows * cols * tile * tile * 3
-            with path.open("r+b") as handle:
-                handle.seek(start)
-                for r in range(rows):
-                    band = render(downsample, 0, r * tile, cols * tile, tile)
-                    for c in range(cols):
-                        part = band[:, c * tile : (c + 1) * tile]
-                        handle.write(np.ascontiguousarray(part).tobytes())
         paths.append(path)
         index += 1
         if levels is not None and index >= levels:
@@ -399,6 +458,7 @@ def write_patient_slide(
     upsample: int = 2,
     transfer_syntax: str = JPEGBaseline8Bit,
     patient: SlidePatient | None = None,
+    sparse: bool = False,
 ) -> tuple[list[Path], AssembledSlide]:
     """A patient's assembled slide as a pyramid whose base is ``upsample`` x finer than 4 µm."""
     assembled = assemble_patient(data_dir, patient_id)
@@ -411,6 +471,7 @@ def write_patient_slide(
         IDC_MPP / upsample,
         patient=patient,
         transfer_syntax=transfer_syntax,
+        sparse=sparse,
     )
     return paths, assembled
 
