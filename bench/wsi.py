@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if done.returncode != 0:
                 raise SystemExit(f"analysis of the {size} px slide failed:\n{done.stderr[-3000:]}")
             measured = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{size} px: {measured}", flush=True)
             rows.append({
+                "load_average_1min_after": round(os.getloadavg()[0], 2),
                 "size": size,
                 "levels": len(paths),
                 "megabytes": round(sum(p.stat().st_size for p in paths) / 2**20, 1),
