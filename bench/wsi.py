@@ -35,9 +35,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from support.wsi_factory import GLASS, IDC_MPP, load_patch, write_pyramid  # noqa: E402
+
 from inference.paths import shared_data_dir  # noqa: E402
 from inference.wsi.split import read_idc_patches  # noqa: E402
-from support.wsi_factory import GLASS, IDC_MPP, load_patch, write_pyramid  # noqa: E402
 
 MOSAIC_PATCHES = 32  # the mosaic is 32 x 32 patches (1600 x 1600 px at 4 µm/pixel)
 
@@ -84,10 +85,11 @@ class SyntheticSlide:
     def _mosaic(self, downsample: int) -> npt.NDArray[np.uint8]:
         if downsample not in self._levels:
             side = max(1, round(self.tile.shape[0] / downsample))
+            image = Image.fromarray(self.tile)
             self._levels[downsample] = (
                 self.tile
                 if downsample == 1
-                else np.asarray(Image.fromarray(self.tile).resize((side, side), Image.Resampling.BOX))
+                else np.asarray(image.resize((side, side), Image.Resampling.BOX))
             )
         return self._levels[downsample]
 
