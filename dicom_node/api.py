@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.api_errors import install_api_errors
 from dicom_node.auth import install_api_auth
 from dicom_node.db import (
     Delivery,
@@ -371,6 +372,7 @@ def create_api(
         description="AI analysis of breast images as a DICOM node: studies, results, deliveries.",
     )
     install_api_auth(app, settings)
+    install_api_errors(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
 
