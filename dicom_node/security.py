@@ -22,6 +22,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -80,12 +81,14 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def client_ssl_context(
-    ca_certificates: Any,
-    certificate: Any | None = None,
-    private_key: Any | None = None,
+    ca_certificates: Path | str | None,
+    certificate: Path | str | None = None,
+    private_key: Path | str | None = None,
 ) -> ssl.SSLContext:
-    """A TLS context for our side as requestor: verify the peer against ``ca_certificates``,
-    present ``certificate`` when given."""
+    """A TLS context for our side as requestor: verify the peer (certificate chain and host name)
+    against ``ca_certificates`` (else the system's CAs), present ``certificate`` when given.
+
+    Raises ``OSError`` (``ssl.SSLError`` included) when a file cannot be loaded."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_certificates)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if certificate is not None:

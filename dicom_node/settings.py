@@ -37,6 +37,12 @@ class Destination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str = Field(min_length=1, max_length=16)
+    # DICOM TLS to this peer: its certificate is checked against tls_ca_certificates (else the
+    # system CAs) and its host name; tls_certificate/tls_private_key are ours to present
+    tls: bool = False
+    tls_ca_certificates: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
 
 
 class RouteCondition(BaseModel):

@@ -214,6 +214,7 @@ class Pki:
     client_key: Path
     rogue_cert: Path  # signed by another CA
     rogue_key: Path
+    other_ca: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -266,7 +267,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
     client = _make_leaf(folder, "modality", ca, "extendedKeyUsage=clientAuth")
     rogue = _make_leaf(folder, "rogue", other_ca, "extendedKeyUsage=clientAuth")
-    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1])
+    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1], other_ca[0])
 
 
 @pytest.fixture
@@ -392,3 +393,54 @@ def test_tls_settings_are_checked(tmp_path: Path, pki: Pki) -> None:
         server_ssl_context(
             Settings(tls_certificate=pki.server_cert, tls_private_key=pki.client_key)
         )
+
+
+# --- our sender to a destination with `tls: true` ---------------------------------------------
+
+
+def test_sender_delivers_over_tls_to_a_destination_that_requires_it(
+    tls_node: InProcessNode, pki: Pki, tmp_path: Path
+) -> None:
+    from dicom_node.scu import DeliveryError, send_files
+    from dicom_node.settings import Destination
+
+    path = write_dataset(_dataset(tmp_path), tmp_path / "result.dcm")
+
+    def destination(**tls: object) -> Destination:
+        return Destination.model_validate(
+            {"host": "127.0.0.1", "port": tls_node.port, "ae_title": "BREASTCAD", **tls}
+        )
+
+    with pytest.raises(DeliveryError):  # plain TCP to a TLS peer
+        send_files(destination(), [path], calling_ae="SENDER")
+    with pytest.raises(DeliveryError):  # no client certificate, the peer requires one
+        send_files(destination(tls=True, tls_ca_certificates=pki.ca), [path], calling_ae="SENDER")
+    with pytest.raises(DeliveryError):  # the peer's certificate is not from the CA we trust
+        send_files(
+            destination(
+                tls=True,
+                tls_ca_certificates=pki.other_ca,
+                tls_certificate=pki.client_cert,
+                tls_private_key=pki.client_key,
+            ),
+            [path],
+            calling_ae="SENDER",
+        )
+    with pytest.raises(DeliveryError, match="TLS files"):
+        send_files(
+            destination(tls=True, tls_ca_certificates=tmp_path / "missing.pem"),
+            [path],
+            calling_ae="SENDER",
+        )
+    assert tls_node.rows() == {}
+    send_files(
+        destination(
+            tls=True,
+            tls_ca_certificates=pki.ca,
+            tls_certificate=pki.client_cert,
+            tls_private_key=pki.client_key,
+        ),
+        [path],
+        calling_ae="SENDER",
+    )
+    assert len(tls_node.rows()) == 1
