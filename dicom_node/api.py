@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.api_errors import install_api_errors
+from dicom_node.auth import install_api_auth
 from dicom_node.db import (
     Delivery,
     DeliveryAttempt,
@@ -369,6 +371,8 @@ def create_api(
         version="0.1.0",
         description="AI analysis of breast images as a DICOM node: studies, results, deliveries.",
     )
+    install_api_auth(app, settings)
+    install_api_errors(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
 
