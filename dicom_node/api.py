@@ -34,6 +34,7 @@ from dicom_node.db import (
     StateDB,
     Study,
 )
+from dicom_node.dicomweb import DicomwebService, dicomweb_router
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
 from reports.fhir import ReportFacts, diagnostic_report, searchset
@@ -371,6 +372,8 @@ def create_api(
     )
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
+    dicomweb = DicomwebService(settings, db)
+    app.include_router(dicomweb_router(dicomweb))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
