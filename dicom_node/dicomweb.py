@@ -23,7 +23,7 @@ from datetime import datetime
 from email.message import Message
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -394,11 +394,30 @@ class DicomwebService:
             uids = list(studies)
             for chunk in _chunks(uids, 500):
                 received = (
-                    select(Instance, Series.modality)
+                    select(
+                        Instance.study_instance_uid,
+                        Instance.series_instance_uid,
+                        Instance.sop_instance_uid,
+                        Instance.sop_class_uid,
+                        Series.modality,
+                        Instance.instance_number,
+                        Instance.transfer_syntax_uid,
+                        Instance.path,
+                    )
                     .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
                     .where(Instance.study_instance_uid.in_(chunk))
                 )
-                made = select(ResultObject).where(ResultObject.study_instance_uid.in_(chunk))
+                made = select(
+                    ResultObject.study_instance_uid,
+                    ResultObject.series_instance_uid,
+                    ResultObject.sop_instance_uid,
+                    ResultObject.sop_class_uid,
+                    ResultObject.modality,
+                    ResultObject.series_number,
+                    ResultObject.instance_number,
+                    ResultObject.transfer_syntax_uid,
+                    ResultObject.path,
+                ).where(ResultObject.study_instance_uid.in_(chunk))
                 if series_instance_uid is not None:
                     received = received.where(
                         Instance.series_instance_uid == series_instance_uid
@@ -407,34 +426,17 @@ class DicomwebService:
                 if sop_instance_uid is not None:
                     received = received.where(Instance.sop_instance_uid == sop_instance_uid)
                     made = made.where(ResultObject.sop_instance_uid == sop_instance_uid)
-                for instance, modality in session.execute(received).all():
+                for study, series, sop, sop_class, modality, number, syntax, path in (
+                    session.execute(received).tuples()
+                ):
                     records.append(
                         Record(
-                            study_instance_uid=instance.study_instance_uid,
-                            series_instance_uid=instance.series_instance_uid,
-                            sop_instance_uid=instance.sop_instance_uid,
-                            sop_class_uid=instance.sop_class_uid,
-                            modality=modality,
-                            series_number=None,
-                            instance_number=instance.instance_number,
-                            transfer_syntax_uid=instance.transfer_syntax_uid,
-                            path=self.settings.store_dir / instance.path,
+                            study, series, sop, sop_class, modality, None, number, syntax,
+                            self.settings.store_dir / path,
                         )
                     )
-                for obj in session.scalars(made).all():
-                    records.append(
-                        Record(
-                            study_instance_uid=obj.study_instance_uid,
-                            series_instance_uid=obj.series_instance_uid,
-                            sop_instance_uid=obj.sop_instance_uid,
-                            sop_class_uid=obj.sop_class_uid,
-                            modality=obj.modality,
-                            series_number=obj.series_number,
-                            instance_number=obj.instance_number,
-                            transfer_syntax_uid=obj.transfer_syntax_uid,
-                            path=self.settings.results_dir / obj.path,
-                        )
-                    )
+                for row in session.execute(made).tuples():
+                    records.append(Record(*row[:8], path=self.settings.results_dir / row[8]))
         records.sort(
             key=lambda r: (r.study_instance_uid, r.series_instance_uid, r.instance_number or 0,
                            r.sop_instance_uid)
@@ -447,6 +449,7 @@ class DicomwebService:
 _STUDY_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate")
 _SERIES_KEYS = ("SeriesInstanceUID", "Modality")
 _INSTANCE_KEYS = ("SOPInstanceUID", "SOPClassUID")
+_T = TypeVar("_T")
 _CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 _DA = re.compile(r"^\d{8}$")
 
@@ -548,7 +551,7 @@ def _record_matches(record: Record, values: dict[str, str]) -> bool:
     return True
 
 
-def _page(items: list[Dataset], matcher: _Matcher) -> list[Dataset]:
+def _page(items: list[_T], matcher: _Matcher) -> list[_T]:
     end = None if matcher.limit is None else matcher.offset + matcher.limit
     return items[matcher.offset : end]
 
@@ -789,14 +792,17 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
         by_study: dict[str, list[Record]] = {}
         for record in records:
             by_study.setdefault(record.study_instance_uid, []).append(record)
-        items: list[Dataset] = []
         ordered = sorted(studies.values(), key=lambda s: (s.created_at, s.study_instance_uid))
+        wanted = matcher.values.get("Modality")
+        matched: list[tuple[Study, list[Record], list[str]]] = []
         for study in ordered:
             held = by_study.get(study.study_instance_uid, [])
             modalities = sorted({r.modality for r in held if r.modality})
-            wanted = matcher.values.get("Modality")
             if wanted is not None and not any(_wildcard(wanted.upper(), m) for m in modalities):
                 continue
+            matched.append((study, held, modalities))
+        items: list[Dataset] = []
+        for study, held, modalities in _page(matched, matcher):
             ds = Dataset()
             _study_attrs(ds, study, study.study_instance_uid)
             ds.ModalitiesInStudy = modalities
@@ -804,7 +810,7 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
             ds.NumberOfStudyRelatedInstances = len(held)
             ds.RetrieveURL = f"{base(request)}/studies/{study.study_instance_uid}"
             items.append(ds)
-        return _json_response(_page(items, matcher))
+        return _json_response(items)
 
     def search_series(request: Request, study_instance_uid: str | None) -> Response:
         matcher = parse_query(request, _STUDY_KEYS + _SERIES_KEYS)
@@ -817,7 +823,7 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
             if _record_matches(record, matcher.values):
                 series.setdefault(record.series_instance_uid, []).append(record)
         items: list[Dataset] = []
-        for series_uid, held in series.items():
+        for series_uid, held in _page(list(series.items()), matcher):
             first = held[0]
             ds = Dataset()
             _study_attrs(ds, studies.get(first.study_instance_uid), first.study_instance_uid)
@@ -830,7 +836,7 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
                 f"{base(request)}/studies/{first.study_instance_uid}/series/{series_uid}"
             )
             items.append(ds)
-        return _json_response(_page(items, matcher))
+        return _json_response(items)
 
     def search_instances(
         request: Request, study_instance_uid: str | None, series_instance_uid: str | None
@@ -842,10 +848,9 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
             study_instance_uid=study_instance_uid,
             series_instance_uid=series_instance_uid,
         )
+        matched = [record for record in records if _record_matches(record, matcher.values)]
         items: list[Dataset] = []
-        for record in records:
-            if not _record_matches(record, matcher.values):
-                continue
+        for record in _page(matched, matcher):
             ds = Dataset()
             _study_attrs(ds, studies.get(record.study_instance_uid), record.study_instance_uid)
             ds.SeriesInstanceUID = record.series_instance_uid
@@ -860,7 +865,7 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
                 f"{record.series_instance_uid}/instances/{record.sop_instance_uid}"
             )
             items.append(ds)
-        return _json_response(_page(items, matcher))
+        return _json_response(items)
 
     @router.get("/studies")
     def qido_studies(request: Request) -> Response:

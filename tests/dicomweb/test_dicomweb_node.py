@@ -143,6 +143,15 @@ def test_stow_us_instance_is_analysed_and_its_sr_is_found_and_returned(
     verdict = dciodvfy(sr_file)
     assert verdict.ok, verdict.output
 
+    sc_bare = dw_node.client.get(
+        f"/dicomweb/studies/{study}/series/{sc.SeriesInstanceUID}/instances/{sc.SOPInstanceUID}",
+        headers={"Accept": "application/dicom"},
+    )
+    sc_file = tmp_path / "sc-from-wado.dcm"
+    sc_file.write_bytes(sc_bare.content)
+    verdict = dciodvfy(sc_file)
+    assert verdict.ok, verdict.output
+
     # rendered: the SC heatmap as PNG, the source image as JPEG (the default)
     png = client.retrieve_instance_rendered(
         study, sc.SeriesInstanceUID, sc.SOPInstanceUID, media_types=("image/png",)
