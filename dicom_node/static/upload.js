@@ -1,7 +1,8 @@
 // breastcad upload page: vanilla JS, no build step, no CDN.
 // POST /analyse per file (progress from XHR upload events); a plain image's answer is the
 // result; a DICOM file's answer names its study, polled at /studies/{uid} until the result of its
-// series exists. Similar cases come from GET /results/{id}/similar when the node has it.
+// series exists. Similar cases come from GET /results/{id}/similar when the node has it
+// ({"items": [{label, ground_truth, distance, thumbnail, ...}]}); otherwise "no similar cases yet".
 "use strict";
 
 (function () {
@@ -15,18 +16,10 @@
   const results = document.getElementById("results");
   const template = document.getElementById("card-template");
 
-  // An API token, when the node asks for one: ?token=... once, then kept in this browser.
-  const params = new URLSearchParams(window.location.search);
-  if (params.get("token")) {
-    window.localStorage.setItem("breastcad.token", params.get("token"));
-  }
-  function authHeaders() {
-    const token = window.localStorage.getItem("breastcad.token");
-    return token ? { Authorization: "Bearer " + token } : {};
-  }
-
+  // When the node requires an API token, the browser holds it as a cookie (GET /login?token=...),
+  // which same-origin requests carry; the page itself never sees the token.
   function apiFetch(url) {
-    return window.fetch(url, { headers: authHeaders() });
+    return window.fetch(url, { credentials: "same-origin" });
   }
 
   function newCard(file) {
@@ -122,13 +115,26 @@
         }
         for (const item of items.slice(0, 5)) {
           const li = document.createElement("li");
+          if (item.thumbnail) {
+            const thumb = document.createElement("img");
+            thumb.className = "similar-thumb";
+            thumb.alt = "heatmap of a similar case";
+            apiFetch(item.thumbnail)
+              .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(String(r.status)))))
+              .then((blob) => {
+                thumb.src = URL.createObjectURL(blob);
+              })
+              .catch(() => thumb.remove());
+            li.append(thumb);
+          }
           const parts = [];
           if (item.label) parts.push(item.label);
-          const score = item.similarity !== undefined ? item.similarity : item.score;
-          if (typeof score === "number") parts.push("similarity " + score.toFixed(2));
+          if (item.ground_truth) parts.push("confirmed " + item.ground_truth);
           if (typeof item.distance === "number") parts.push("distance " + item.distance.toFixed(2));
-          if (item.study_instance_uid) parts.push("study " + item.study_instance_uid);
-          li.textContent = parts.join(", ") || JSON.stringify(item);
+          if (typeof item.similarity === "number") parts.push("similarity " + item.similarity.toFixed(2));
+          const text = document.createElement("span");
+          text.textContent = parts.join(", ") || "a past case";
+          li.append(text);
           list.append(li);
         }
       })
@@ -193,7 +199,6 @@
     data.append("modality", modality.value);
     const xhr = new XMLHttpRequest();
     xhr.open("POST", "/analyse");
-    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.upload.addEventListener("progress", (event) => {
       if (event.lengthComputable) progress.value = (100 * event.loaded) / event.total;
     });

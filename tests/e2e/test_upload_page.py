@@ -188,11 +188,20 @@ def test_upload_page_shows_not_assessable_and_similar_cases(
         data={"modality": "US"},
     ).json()
     flagged = {**real, "not_assessable": True}
+    # the shape of GET /results/{id}/similar as the similar-cases branch (h5) builds it
     similar = {
+        "result_id": 1,
+        "k": 5,
         "items": [
-            {"result_id": i, "label": label, "similarity": 0.9 - i / 10}
+            {
+                "result_id": 100 + i,
+                "label": label,
+                "ground_truth": "benign" if i == 0 else None,
+                "distance": 0.1 * (i + 1),
+                "thumbnail": f"/results/{100 + i}/heatmap.png?index=1",
+            }
             for i, label in enumerate(["benign", "malignant", "normal", "benign", "benign", "x"])
-        ]
+        ],
     }
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -232,7 +241,8 @@ def test_upload_page_shows_not_assessable_and_similar_cases(
             sync_api.expect(done).to_have_count(1, timeout=240_000)
             items = done.locator(".similar-list li")
             sync_api.expect(items).to_have_count(5)
-            assert items.first.inner_text().startswith("benign, similarity 0.90")
+            assert items.first.inner_text() == "benign, confirmed benign, distance 0.10"
+            assert items.nth(1).inner_text() == "malignant, distance 0.20"
             assert done.locator(".similar-empty").is_hidden()
             page.screenshot(path=str(tmp_path / "upload-flags.png"), full_page=True)
         finally:
