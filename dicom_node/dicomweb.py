@@ -64,6 +64,36 @@ _PRIVATE_GROUP = 0x0009
 _REASON_ELEMENT = 0x01
 
 
+#: QIDO matching keys that identify a patient: their values are kept out of the access log
+_PATIENT_KEYS_IN_QUERY = re.compile(
+    r"(?<=[?&])(PatientID|PatientName|PatientBirthDate|AccessionNumber|"
+    r"00100020|00100010|00100030|00080050)=[^&\s\"]*",
+    re.IGNORECASE,
+)
+
+
+class RedactPatientQueryFilter(logging.Filter):
+    """Replaces the values of patient-identifying query keys in uvicorn's access log lines
+    (``GET /dicomweb/studies?PatientID=...`` would otherwise log the patient ID)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _PATIENT_KEYS_IN_QUERY.sub(r"\1=***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        elif isinstance(record.msg, str):
+            record.msg = _PATIENT_KEYS_IN_QUERY.sub(r"\1=***", record.msg)
+        return True
+
+
+def install_access_log_redaction() -> None:
+    """Add :class:`RedactPatientQueryFilter` to ``uvicorn.access`` once."""
+    access_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactPatientQueryFilter) for f in access_log.filters):
+        access_log.addFilter(RedactPatientQueryFilter())
+
+
 class MultipartError(ValueError):
     """The request body is not a well-formed multipart/related message (HTTP 400)."""
 
@@ -740,6 +770,7 @@ def dicomweb_router(service: DicomwebService) -> APIRouter:
     """The DICOMweb routes (included at ``/dicomweb`` by ``create_api``)."""
     settings = service.settings
     router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+    install_access_log_redaction()
 
     def base(request: Request) -> str:
         return str(request.base_url).rstrip("/") + "/dicomweb"

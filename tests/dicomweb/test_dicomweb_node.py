@@ -279,6 +279,12 @@ def test_qido_matching_keys(dw_node: Node, shared_data: Path, tmp_path: Path) ->
     empty = dw_node.client.get("/dicomweb/studies", params={"PatientID": "NOBODY-AT-ALL"})
     assert empty.status_code == 204
 
+    # the queries are in the access log, the patient IDs and accession numbers are not
+    assert dw_node.server is not None
+    log = dw_node.server.log_path.read_text(errors="replace")
+    assert "/dicomweb/studies?PatientID=***" in log
+    assert f"Q{tag}" not in log and f"ACC{tag}" not in log
+
 
 def test_stow_refuses_bad_input_and_stores_nothing_of_it(
     dw_node: Node, shared_data: Path, tmp_path: Path
