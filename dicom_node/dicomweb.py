@@ -118,7 +118,12 @@ def split_multipart(body: bytes, boundary: str) -> list[Part]:
     """The parts of a multipart body (RFC 2046); MultipartError when it is malformed."""
     if not boundary:
         raise MultipartError("the multipart Content-Type has no boundary parameter")
-    delimiter = b"--" + boundary.encode("latin-1")
+    try:
+        delimiter = b"--" + boundary.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise MultipartError("the boundary must be ASCII (RFC 2046)") from exc
+    if len(boundary) > 70:
+        raise MultipartError("the boundary is longer than 70 characters (RFC 2046)")
     start = body.find(delimiter)
     if start < 0 or (start > 0 and body[start - 2 : start] != b"\r\n"):
         raise MultipartError(f"the body does not contain the boundary {boundary!r}")
