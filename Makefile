@@ -56,9 +56,13 @@ typecheck: install-test
 test: system-deps install-test lint typecheck
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-## make models: retrain the bundled models from ../shared/data.
+## make models: retrain the bundled models from ../shared/data (about 40 min on 2 cores), into
+## runs/models/; copy <name>.pt, <name>.json and <name>_ood.npz into inference/bundled/ to ship.
+MODELS_OUT ?= runs/models
 models: install-test
-	$(BIN)/python -m inference.train --modality US --out inference/bundled
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/breastcad train --modality US --out $(MODELS_OUT)/us
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/breastcad train --modality SM --out $(MODELS_OUT)/sm
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/breastcad train --modality MG --out $(MODELS_OUT)/mg
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
