@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP_RUN  := $(VENV)/.installed-run-$(HASH)
 STAMP_TEST := $(VENV)/.installed-test-$(HASH)
-APT_PACKAGES := orthanc dcmtk dicom3tools
+APT_PACKAGES := orthanc dcmtk dicom3tools orthanc-dicomweb chromium
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck install install-test system-deps models clean
@@ -31,12 +31,15 @@ install-test: $(STAMP_TEST)
 serve: install
 	$(BIN)/breastcad serve $(if $(CONFIG),--config $(CONFIG))
 
-## System packages the tests talk to: Orthanc (the PACS), dcmtk (storescu, dsrdump), dciodvfy.
+## System packages the tests talk to: Orthanc (the PACS) and its DICOMweb plugin, dcmtk (storescu,
+## dsrdump), dciodvfy, chromium (the upload page's browser test).
 system-deps:
 	@missing=""; \
 	command -v Orthanc  >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
