@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.api_errors import install_api_errors
+from dicom_node.auth import install_api_auth
 from dicom_node.db import (
     Delivery,
     DeliveryAttempt,
@@ -34,8 +36,10 @@ from dicom_node.db import (
     StateDB,
     Study,
 )
+from dicom_node.dicomweb import DicomwebService, dicomweb_router
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
+from dicom_node.upload import upload_router
 from reports.fhir import ReportFacts, diagnostic_report, searchset
 
 FHIR_JSON = "application/fhir+json"
@@ -369,8 +373,13 @@ def create_api(
         version="0.1.0",
         description="AI analysis of breast images as a DICOM node: studies, results, deliveries.",
     )
+    install_api_auth(app, settings)
+    install_api_errors(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
+    dicomweb = DicomwebService(settings, db)
+    app.include_router(dicomweb_router(dicomweb))
+    app.include_router(upload_router(settings, dicomweb))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
