@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     # a result whose suspicion (probability of malignancy) is at least this is flagged priority
     # (API, worklist, SR triage finding); null = never
     priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
+    # how many similar past cases (nearest embeddings of other studies) the SR lists; 0 = none
+    similar_cases_in_sr: int = Field(default=5, ge=0, le=50)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:

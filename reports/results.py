@@ -12,7 +12,7 @@ from inference.prediction import Prediction
 from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
-from reports.sr import build_sr
+from reports.sr import SimilarCase, build_sr
 from reports.uids import derive_uid, source_set
 
 SR_SERIES_NUMBER_OFFSET = 7000
@@ -132,6 +132,7 @@ def build_results(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
@@ -148,6 +149,8 @@ def build_results(
     ``priority`` (None: no triage finding) is written into the SR as the triage finding;
     ``predecessor`` is the earlier SR this result supersedes (its Study, Series, SOP Class and
     SOP Instance UIDs are read; it must be of the same study and not the SR built here).
+
+    ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -182,6 +185,7 @@ def build_results(
         software_version=software_version,
         priority=priority,
         predecessor=predecessor,
+        similar_cases=similar_cases,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)

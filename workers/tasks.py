@@ -23,7 +23,9 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from dicom_node import similar
 from dicom_node.db import (
+    CaseEmbedding,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -46,6 +48,7 @@ from inference import (
     load_bundled,
 )
 from reports import build_results, overlay_png
+from reports.sr import SimilarCase
 from reports.triage import is_priority, suspicion
 from workers.routing import ResultFacts, route
 
@@ -297,6 +300,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         {str(ds.SOPInstanceUID) for ds in datasets},
         series_prediction,
     )
+    similar_cases = _similar_cases(ctx, datasets[0], predictions)
     objects = build_results(
         datasets,
         images,
@@ -305,6 +309,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         software_version=SOFTWARE_VERSION,
         priority=priority,
         predecessor=predecessor[1] if predecessor is not None else None,
+        similar_cases=similar_cases,
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder
@@ -370,6 +375,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         )
         session.add(result)
         session.flush()
+        session.add_all(_embedding_rows(result, datasets, predictions))
         deliveries = [
             Delivery(
                 result_id=result.id,
@@ -389,6 +395,46 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             .values(state=JobState.DONE, reason=None, finished_at=now)
         )
         return result.id, [d.id for d in deliveries]
+
+
+def _similar_cases(
+    ctx: WorkerContext, first: Dataset, predictions: Sequence[Prediction]
+) -> list[SimilarCase]:
+    """The nearest past cases of other studies (same model) that the SR lists."""
+    if ctx.settings.similar_cases_in_sr == 0:
+        return []
+    try:
+        query = similar.query_vector(p.embedding for p in predictions)
+    except ValueError as exc:
+        log.warning("no similar cases for series %s: %s", first.SeriesInstanceUID, exc)
+        return []
+    key = similar.model_key(predictions[0].model_name, predictions[0].model_sha256)
+    found = similar.nearest(
+        ctx.db, query, key, k=ctx.settings.similar_cases_in_sr,
+        exclude_study=str(first.StudyInstanceUID),
+    )
+    return [SimilarCase(n.study_instance_uid, n.label, n.distance) for n in found]
+
+
+def _embedding_rows(
+    result: Result, datasets: Sequence[Dataset], predictions: Sequence[Prediction]
+) -> list[CaseEmbedding]:
+    """The analysed images' embeddings for the similar-case index (images with a usable one)."""
+    images = [
+        (index, str(ds.SOPInstanceUID), p.label, p.embedding)
+        for index, (ds, p) in enumerate(zip(datasets, predictions, strict=True), start=1)
+    ]
+    usable = [image for image in images if np.all(np.isfinite(image[3])) and np.any(image[3])]
+    if len(usable) != len(images):
+        log.warning("result %d: %d image(s) without a usable embedding are not indexed",
+                    result.id, len(images) - len(usable))
+    return similar.embedding_rows(
+        result_id=result.id,
+        study_instance_uid=result.study_instance_uid,
+        series_instance_uid=result.series_instance_uid,
+        images=usable,
+        key=similar.model_key(result.model_name, result.model_sha256),
+    )
 
 
 # -- delivery -------------------------------------------------------------------------------
