@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP_RUN  := $(VENV)/.installed-run-$(HASH)
 STAMP_TEST := $(VENV)/.installed-test-$(HASH)
-APT_PACKAGES := orthanc dcmtk dicom3tools
+APT_PACKAGES := orthanc dcmtk dicom3tools chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck install install-test system-deps models clean

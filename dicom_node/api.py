@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.dashboard import dashboard_router
 from dicom_node.db import (
     Delivery,
     DeliveryAttempt,
@@ -36,6 +37,7 @@ from dicom_node.db import (
 )
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
+from dicom_node.similar import similar_router
 from reports.fhir import ReportFacts, diagnostic_report, searchset
 
 FHIR_JSON = "application/fhir+json"
@@ -640,4 +642,6 @@ def create_api(
                 ]
             }
 
+    app.include_router(similar_router(db))
+    app.include_router(dashboard_router(settings, db))
     return app

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 
 from dicom_node.db import CaseEmbedding, Result, StateDB
@@ -189,3 +190,20 @@ def similar_to_result(db: StateDB, result_id: int, k: int = 5) -> list[Neighbour
         raise NoEmbeddings(f"result {result_id} has no stored embeddings")
     query = query_vector(np.frombuffer(row.embedding, dtype=EMBEDDING_DTYPE) for row in rows)
     return nearest(db, query, rows[0].model_key, k=k, exclude_study=result.study_instance_uid)
+
+
+def similar_router(db: StateDB) -> APIRouter:
+    """``GET /results/{id}/similar?k=5``: the nearest past cases of a result."""
+    router = APIRouter()
+
+    @router.get("/results/{result_id}/similar")
+    def similar_cases(result_id: int, k: int = Query(5, ge=1, le=100)) -> dict[str, object]:
+        """Past cases (other studies, same model) nearest to the result's images, nearest
+        first, with cosine distances and links to their heatmap and source image."""
+        try:
+            found = similar_to_result(db, result_id, k)
+        except NoEmbeddings as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return {"result_id": result_id, "k": k, "items": [n.to_json() for n in found]}
+
+    return router

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
 from results_inputs import display_image, prediction, us_source
 from support.dcmtk import dciodvfy, dsrdump, require_tool
 
@@ -15,7 +16,7 @@ from reports.sr import SimilarCase
 OTHER_STUDIES = ("1.2.826.0.1.3680043.8.498.77.1", "1.2.826.0.1.3680043.8.498.77.2")
 
 
-def _items(ds: object, meaning: str) -> list[object]:
+def _items(ds: Dataset, meaning: str) -> list[Dataset]:
     found = []
     for item in getattr(ds, "ContentSequence", []):
         if item.ConceptNameCodeSequence[0].CodeMeaning == meaning:
