@@ -1,4 +1,4 @@
-"""The ``breastcad`` command: serve, worker, predict, models, deliveries, routes.
+"""The ``breastcad`` command: serve, worker, predict, report, models, deliveries, routes.
 
 The CLI composes the processes, so it is the one place in ``dicom_node`` that imports ``workers``.
 """
@@ -214,6 +214,29 @@ def predict(
             typer.echo(f"{path}: {prediction.label} ({probs}) heatmap {heatmap}")
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    file: Annotated[Path, typer.Argument(help="A breastcad SR (DICOM file).")],
+) -> None:
+    """Print a Structured Report as readable text: document, patient, study, algorithm, each
+    finding with its codes, probabilities, laterality, images, predecessor and similar cases."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from reports.sr_text import NotAStructuredReport, sr_text
+
+    try:
+        ds = dcmread(file)
+    except (OSError, InvalidDicomError) as exc:
+        typer.echo(f"breastcad report: cannot read {file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        typer.echo(sr_text(ds), nl=False)
+    except NotAStructuredReport as exc:
+        typer.echo(f"breastcad report: {file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
