@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,6 +21,13 @@ from pydantic_settings import (
 CONFIG_ENV = "BREASTCAD_CONFIG"
 
 
+ResultObject = Literal["sr", "sc", "seg"]
+
+
+def _default_objects() -> list[ResultObject]:
+    return ["sr", "sc"]
+
+
 class Destination(BaseModel):
     """A DICOM peer that receives results by C-STORE."""
 
@@ -29,6 +36,8 @@ class Destination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str = Field(min_length=1, max_length=16)
+    # which result objects it receives: the SR, the heatmap SCs, the heatmap Segmentations
+    objects: list[ResultObject] = Field(default_factory=_default_objects, min_length=1)
 
 
 class RouteCondition(BaseModel):

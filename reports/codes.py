@@ -105,6 +105,8 @@ OOD_SCORE: Code = _private("OODSCORE", "Out-of-distribution score")
 SIMILAR_CASE: Code = _private("SIMILARCASE", "Similar case")
 STUDY_INSTANCE_UID: Code = codes.DCM.StudyInstanceUID  # DCM 110180
 FINDING: Code = codes.DCM.Finding  # DCM 121071
+# The segmented property of the heatmap SEG: where the classifier looked (no standard concept)
+ATTENTION_MAP: Code = _private("ATTNMAP", "AI attention map")
 COSINE_DISTANCE: Code = _private("COSDIST", "Cosine distance of image embeddings")
 
 

@@ -310,6 +310,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         priority=priority,
         predecessor=predecessor[1] if predecessor is not None else None,
         similar_cases=similar_cases,
+        with_seg=_wants_seg(ctx, modality),
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder
@@ -327,6 +328,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         (ctx.settings.results_dir / png_name).write_bytes(overlay_png(image, prediction))
         sc_names.append(str(sc_name))
         png_names.append(str(png_name))
+    seg_names = _save_segmentations(ctx, folder, objects.segmentations)
 
     facts = ResultFacts(
         modality=modality,
@@ -361,6 +363,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                 # the analysed instances, relative to the instance store (forward_source)
                 "sources": source_paths,
                 "sc": sc_names,
+                "seg": seg_names,
                 "png": png_names,
                 "per_image": [
                     {
@@ -395,6 +398,39 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             .values(state=JobState.DONE, reason=None, finished_at=now)
         )
         return result.id, [d.id for d in deliveries]
+
+
+def _wants_seg(ctx: WorkerContext, modality: str) -> bool:
+    """Build heatmap Segmentations when a destination takes them (not for slides)."""
+    return modality != "SM" and any(
+        "seg" in destination.objects for destination in ctx.settings.destinations.values()
+    )
+
+
+def _save_segmentations(
+    ctx: WorkerContext, folder: Path, segmentations: Sequence[Dataset]
+) -> list[str]:
+    names: list[str] = []
+    for index, seg in enumerate(segmentations, start=1):
+        name = folder / f"seg-{index}.dcm"
+        seg.save_as(ctx.settings.results_dir / name, enforce_file_format=True)
+        names.append(str(name))
+    return names
+
+
+def _result_files(ctx: WorkerContext, result: Result, objects: Sequence[str]) -> list[Path]:
+    """The result's files of the kinds a destination takes (SR first, then SCs, then SEGs)."""
+    names: list[str] = []
+    if "sr" in objects:
+        names.append(result.files["sr"])
+    if "sc" in objects:
+        names += result.files["sc"]
+    if "seg" in objects:
+        if not result.files.get("seg"):
+            log.warning("result %d has no heatmap SEG (made before a destination asked for "
+                        "one, or a slide); sending the rest", result.id)
+        names += result.files.get("seg", [])
+    return [ctx.settings.results_dir / name for name in names]
 
 
 def _similar_cases(
@@ -468,11 +504,13 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
         if delivery.forward_source:
             # the sources first, so a PACS holds the images before the results that refer to them
             files += [ctx.settings.store_dir / name for name in result.files.get("sources", [])]
-        files += [ctx.settings.results_dir / result.files["sr"]] + [
-            ctx.settings.results_dir / name for name in result.files["sc"]
-        ]
+        files += _result_files(ctx, result, destination.objects)
+        if not files:
+            error = (f"result {result.id} has none of the objects {delivery.destination!r} "
+                     f"takes ({', '.join(destination.objects)})")
         try:
-            send_files(destination, files, calling_ae=ctx.settings.ae_title)
+            if error is None:
+                send_files(destination, files, calling_ae=ctx.settings.ae_title)
         except (DeliveryError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     finished = utcnow()
