@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.audit import install_api_audit
 from dicom_node.dashboard import dashboard_router
 from dicom_node.db import (
     Delivery,
@@ -242,6 +243,10 @@ def _report_facts(result: Result, study: Study | None, base_url: str) -> ReportF
         priority=result.priority if result.suspicion is not None else None,
         heatmap_urls=[base_url + link for link in _heatmap_links(result)],
     )
+
+
+# public: the FHIR push (workers.tasks) sends the same report as GET /fhir/DiagnosticReport
+report_facts = _report_facts
 
 
 class StateCollector(Collector):
@@ -642,6 +647,7 @@ def create_api(
                 ]
             }
 
+    install_api_audit(app, db)
     app.include_router(similar_router(db))
     app.include_router(dashboard_router(settings, db))
     return app

@@ -7,7 +7,7 @@ A C-STORE is answered 0x0000 only after the instance is durable in the store; se
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -89,8 +89,11 @@ class StorageSCP:
         settings: Settings,
         store: InstanceStore,
         on_stored: StoredCallback | None = None,
+        extra_handlers: Sequence[tuple[Any, Callable[[Event], None]]] = (),
     ) -> None:
         self.settings = settings
+        # more notification handlers (the audit trail, dicom_node.audit.DicomAudit)
+        self.extra_handlers = list(extra_handlers)
         self.store = store
         self.on_stored = on_stored
         self.ae = AE(ae_title=settings.ae_title)
@@ -116,6 +119,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, _log_association("accepted")),
             (evt.EVT_REJECTED, _log_association("rejected")),
+            *self.extra_handlers,
         ]
         self._server = self.ae.start_server(
             (self.settings.dicom_host, self.settings.dicom_port),

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dicom_node import similar
+from dicom_node.api import report_facts
 from dicom_node.db import (
     CaseEmbedding,
     Delivery,
@@ -35,9 +36,11 @@ from dicom_node.db import (
     Result,
     Series,
     StateDB,
+    Study,
     changed_rows,
     utcnow,
 )
+from dicom_node.fhir_push import FHIR_DESTINATION, FhirPushError, push_report
 from dicom_node.scu import DeliveryError, send_files
 from dicom_node.settings import Settings
 from inference import (
@@ -48,6 +51,7 @@ from inference import (
     load_bundled,
 )
 from reports import build_results, overlay_png
+from reports.fhir import diagnostic_report
 from reports.sr import SimilarCase
 from reports.triage import is_priority, suspicion
 from workers.routing import ResultFacts, route
@@ -390,6 +394,8 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             )
             for name in decision.destinations
         ]
+        if ctx.settings.fhir_endpoint is not None:
+            deliveries.append(_fhir_delivery(result.id, now))
         session.add_all(deliveries)
         session.flush()
         session.execute(
@@ -398,6 +404,36 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             .values(state=JobState.DONE, reason=None, finished_at=now)
         )
         return result.id, [d.id for d in deliveries]
+
+
+def _fhir_delivery(result_id: int, now: datetime) -> Delivery:
+    """The delivery row of the FHIR push of a result (retried like a DICOM delivery)."""
+    return Delivery(
+        result_id=result_id,
+        destination=FHIR_DESTINATION,
+        forward_source=False,
+        state=DeliveryState.PENDING,
+        next_attempt_at=now,
+        dispatched_at=now,
+    )
+
+
+def _push_fhir(ctx: WorkerContext, result: Result) -> str | None:
+    """POST the result's DiagnosticReport to the FHIR endpoint; the error, or None."""
+    endpoint = ctx.settings.fhir_endpoint
+    if endpoint is None:
+        return "the FHIR endpoint is no longer configured"
+    with ctx.db.session() as session:
+        study = session.get(Study, result.study_instance_uid)
+    base = endpoint.node_base_url or f"http://{ctx.settings.api_host}:{ctx.settings.api_port}"
+    report = diagnostic_report(report_facts(result, study, base.rstrip("/")))
+    try:
+        location = push_report(endpoint, report)
+    except FhirPushError as exc:
+        return str(exc)
+    log.info("result %d: DiagnosticReport pushed to the FHIR server (%s)", result.id,
+             location or "no Location")
+    return None
 
 
 def _wants_seg(ctx: WorkerContext, modality: str) -> bool:
@@ -497,7 +533,12 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
     assert result is not None
     destination = ctx.settings.destinations.get(delivery.destination)
     error: str | None = None
-    if destination is None:
+    gone = False  # the destination is no longer configured: no retry can help
+    if delivery.destination == FHIR_DESTINATION:
+        gone = ctx.settings.fhir_endpoint is None
+        error = _push_fhir(ctx, result)
+    elif destination is None:
+        gone = True
         error = f"destination {delivery.destination!r} is no longer configured"
     else:
         files: list[Path] = []
@@ -526,7 +567,7 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
         current.last_error = error
         if error is None:
             current.state = DeliveryState.DONE
-        elif destination is None or current.attempts >= ctx.settings.delivery_max_attempts:
+        elif gone or current.attempts >= ctx.settings.delivery_max_attempts:
             current.state = DeliveryState.FAILED
             log.error(
                 "delivery %d to %s failed for good: %s", delivery_id, current.destination, error
