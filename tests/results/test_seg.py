@@ -8,18 +8,19 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from pydicom import Dataset
 from results_inputs import display_image, prediction, us_source
 from support.dcmtk import dciodvfy, require_tool
 
-from reports import build_results
+from reports import ResultObjects, build_results
 from reports.results import SEG_SERIES_NUMBER_OFFSET
 from reports.seg import SEG_SERIES_DESCRIPTION
 
 
-def _build(sources: list, **kwargs: object) -> object:
+def _build(sources: list[Dataset]) -> ResultObjects:
     return build_results(
         sources, [display_image(s) for s in sources], [prediction() for _ in sources],
-        series_prediction=prediction(), software_version="1.0", with_seg=True, **kwargs,
+        series_prediction=prediction(), software_version="1.0", with_seg=True,
     )
 
 
