@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy import select
+from pydantic import BaseModel, Field
+from sqlalchemy import select, update
 
 from dicom_node.db import CaseEmbedding, Result, StateDB
 
@@ -192,9 +193,37 @@ def similar_to_result(db: StateDB, result_id: int, k: int = 5) -> list[Neighbour
     return nearest(db, query, rows[0].model_key, k=k, exclude_study=result.study_instance_uid)
 
 
+def set_ground_truth(db: StateDB, result_id: int, label: str | None) -> int:
+    """Record the confirmed diagnosis of a result's images (None clears it); rows changed."""
+    with db.session() as session:
+        if session.get(Result, result_id) is None:
+            raise NoEmbeddings(f"no result {result_id}")
+        changed = session.execute(
+            update(CaseEmbedding)
+            .where(CaseEmbedding.result_id == result_id)
+            .values(ground_truth=label)
+        )
+        return int(getattr(changed, "rowcount", 0) or 0)
+
+
+class GroundTruth(BaseModel):
+    """The confirmed diagnosis of a case (e.g. from pathology), or null to clear it."""
+
+    label: str | None = Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")
+
+
 def similar_router(db: StateDB) -> APIRouter:
-    """``GET /results/{id}/similar?k=5``: the nearest past cases of a result."""
+    """``GET /results/{id}/similar?k=5``: the nearest past cases of a result;
+    ``PUT /results/{id}/ground-truth``: the confirmed diagnosis shown with it as a past case."""
     router = APIRouter()
+
+    @router.put("/results/{result_id}/ground-truth")
+    def ground_truth(result_id: int, body: GroundTruth) -> dict[str, object]:
+        try:
+            images = set_ground_truth(db, result_id, body.label)
+        except NoEmbeddings as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return {"result_id": result_id, "ground_truth": body.label, "images": images}
 
     @router.get("/results/{result_id}/similar")
     def similar_cases(result_id: int, k: int = Query(5, ge=1, le=100)) -> dict[str, object]:
