@@ -31,7 +31,8 @@ class SimilarCase:
 
 def similar_case_items(cases: Sequence[SimilarCase]) -> list[hd.sr.ContainerContentItem]:
     """One CONTAINER "Similar case" (99BCAD) per case: its Study Instance UID (DCM 110180), its
-    finding (DCM 121071, the coded class) and the cosine distance (99BCAD COSDIST, UCUM "1")."""
+    finding (99BCAD SIMFINDING = the coded class) and the cosine distance (99BCAD COSDIST,
+    UCUM "1")."""
     items = []
     for case in cases:
         container = hd.sr.ContainerContentItem(
@@ -44,7 +45,7 @@ def similar_case_items(cases: Sequence[SimilarCase]) -> list[hd.sr.ContainerCont
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             ),
             hd.sr.CodeContentItem(
-                name=codes.FINDING,
+                name=codes.SIMILAR_CASE_FINDING,
                 value=codes.class_concepts(case.label).finding,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             ),

@@ -9,6 +9,7 @@ given ``/usr/bin/chromium``.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from node_process import Node
 from pydicom import dcmread
 from support.dcmtk import require_tool, storescu
 from support.dicom_factory import make_us_series
-from support.ports import free_port
 from support.shared_data import busi_png_paths
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +42,8 @@ class Analysed:
     node: Node
     studies: dict[str, str]  # "malignant"/"normal" -> StudyInstanceUID
     results: dict[str, dict[str, Any]]  # the API's result of each study
+    third: Path  # a benign study not sent yet (the dashboard test sends it)
+    third_study: str
 
 
 def _result_of(node: Node, study_uid: str) -> dict[str, Any]:
@@ -71,9 +73,15 @@ def analysed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         )
         files[label] = path
         studies[label] = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    [third] = make_us_series(busi_png_paths(shared_data, "benign")[:1], work / "benign",
+                             patient_id="DASH-benign")
+    # a port bound but never listening, for the whole test: every delivery to it is refused
+    # (and the node cannot pick it for itself)
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))
     node = Node(
         work / "node",
-        pacs_port=free_port(),  # nobody listens: every delivery fails
+        pacs_port=dead.getsockname()[1],
         extra={"delivery_max_attempts": 1, "delivery_backoff_seconds": 0.2},
     )
     try:
@@ -92,12 +100,14 @@ def analysed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "the deliveries to fail",
         )
         results = {label: _result_of(node, uid) for label, uid in studies.items()}
-        yield Analysed(node, studies, results)
+        third_study = str(dcmread(third, stop_before_pixels=True).StudyInstanceUID)
+        yield Analysed(node, studies, results, third, third_study)
     except AssertionError:
         print(node.log_tail())
         raise
     finally:
         node.stop()
+        dead.close()
 
 
 def test_similar_cases_api_and_sr(analysed: Analysed) -> None:
@@ -223,6 +233,20 @@ def test_dashboard_in_chromium(analysed: Analysed, tmp_path: Path) -> None:
                 60,
                 "the retried delivery's second attempt",
             )
+
+            # live progress: back on the worklist (no reload), a new study appears and is
+            # analysed while the page polls
+            page.evaluate("() => { window.__sameDocument = true; }")
+            page.click("a[href='#/']")
+            page.select_option("#filter-state", "")
+            page.locator("#worklist tbody tr.study-row").nth(1).wait_for(timeout=10_000)
+            sent = storescu([analysed.third], "127.0.0.1", node.dicom_port)
+            assert sent.returncode == 0, sent.stderr
+            row = page.locator(f"#worklist tr[data-study='{analysed.third_study}']")
+            row.wait_for(timeout=60_000)
+            row.locator(".badge.done").wait_for(timeout=240_000)
+            assert page.evaluate("() => window.__sameDocument === true")
+            assert "3 done" in page.locator("#progress").inner_text()
             assert not errors, errors
         finally:
             browser.close()

@@ -7,6 +7,7 @@ objects per destination (two dcmtk ``storescp`` peers), the FHIR push to a real 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -23,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from support.dcmtk import dciodvfy, require_tool, storescu
 from support.dicom_factory import make_us_series
-from support.ports import free_port
 from support.shared_data import busi_png_paths
 
 pytestmark = pytest.mark.e2e
@@ -93,6 +93,19 @@ def _metrics(node: Node) -> dict[str, float]:
     return values
 
 
+def _held_port() -> socket.socket:
+    """A socket bound to a free loopback port (not listening): the port is ours until closed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,15 +125,9 @@ def outputs(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     study_uid = str(dcmread(source, stop_before_pixels=True).StudyInstanceUID)
     peers: list[subprocess.Popen[bytes]] = []
     folders: dict[str, Path] = {}
-    ports: dict[str, int] = {}
-    for name in ("archive", "viewer"):
-        folders[name] = work / name
-        folders[name].mkdir()
-        ports[name] = free_port()
-        peers.append(subprocess.Popen(
-            [storescp, "-aet", name.upper(), "-od", str(folders[name]), str(ports[name])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+    # the peers' ports stay bound until the node has picked its own: no two servers share one
+    held = {name: _held_port() for name in ("archive", "viewer")}
+    ports = {name: sock.getsockname()[1] for name, sock in held.items()}
     fhir = FhirPeer()
     http = ThreadingHTTPServer(("127.0.0.1", 0), fhir.handler())
     threading.Thread(target=http.serve_forever, daemon=True).start()
@@ -141,6 +148,15 @@ def outputs(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "delivery_backoff_seconds": 0.3,
         },
     )
+    for name, sock in held.items():
+        folders[name] = work / name
+        folders[name].mkdir()
+        sock.close()
+        peers.append(subprocess.Popen(
+            [storescp, "-aet", name.upper(), "-od", str(folders[name]), str(ports[name])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        _wait(lambda port=ports[name]: _listening(port), 30, f"storescp on {ports[name]}")
     try:
         node.start()
         before = _metrics(node)

@@ -76,7 +76,7 @@ def test_report_prints_the_whole_sr(tmp_path: Path) -> None:
         # both images, and the similar case
         f"Ultrasound Image Storage {us_source(2).SOPInstanceUID}",
         f"Study Instance UID: {SIMILAR_STUDY}",
-        "Finding: Benign neoplasm of breast (SCT 92115009)",
+        "Finding of the similar case: Benign neoplasm of breast (SCT 92115009)",
     ):
         assert expected in text, expected
     assert text.count("Similar case") == 1
