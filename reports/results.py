@@ -12,7 +12,7 @@ from inference.prediction import Prediction
 from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
-from reports.seg import build_heatmap_seg
+from reports.seg import build_heatmap_seg, seg_unsupported
 from reports.sr import SimilarCase, build_sr
 from reports.uids import derive_uid, source_set
 
@@ -156,7 +156,8 @@ def build_results(
     SOP Instance UIDs are read; it must be of the same study and not the SR built here).
 
     ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
-    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image (not for slides).
+    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image that can have one
+    (not slides, not multi-frame images: :func:`reports.seg.seg_unsupported`).
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -215,6 +216,8 @@ def build_results(
         seg_series_uid = uid("seg-series")
         seg_series_number = _result_series_number(first, SEG_SERIES_NUMBER_OFFSET)
         for index, (source, prediction) in enumerate(zip(sources, predictions, strict=True)):
+            if seg_unsupported(source) is not None:
+                continue  # a slide, a multi-frame image: the SR and SC carry the result
             segmentations.append(build_heatmap_seg(
                 source,
                 prediction,

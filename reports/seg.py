@@ -27,6 +27,19 @@ SEGMENT_LABEL = "AI attention map (Grad-CAM)"
 # standard concept names "where a classifier looked"
 CATEGORY = dicom_codes.SCT.MorphologicallyAbnormalStructure
 ATTENTION = codes.ATTENTION_MAP
+_NAMES = frozenset({"PatientName", "ReferringPhysicianName"})
+
+
+def seg_unsupported(source: Dataset) -> str | None:
+    """Why no heatmap SEG can be made for this source, or None when one can."""
+    if str(source.get("Modality", "")) == "SM":
+        return ("a heatmap SEG of a slide is not supported (its heatmap is of a thumbnail, not "
+                "of the source frame)")
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        return (f"a heatmap SEG of a multi-frame source is not supported (the heatmap is of "
+                f"frame 1 of {frames})")
+    return None
 
 
 def build_heatmap_seg(
@@ -43,11 +56,12 @@ def build_heatmap_seg(
     """A FRACTIONAL (PROBABILITY) Segmentation of ``prediction.heatmap`` over ``source``.
 
     The heatmap must have the source's Rows x Columns (it is made on the source's display
-    image); a whole-slide source (its display image is a thumbnail) is refused with ValueError.
+    image); a whole-slide or multi-frame source is refused with ValueError
+    (:func:`seg_unsupported`).
     """
-    if str(source.get("Modality", "")) == "SM":
-        raise ValueError("a heatmap SEG of a slide is not supported (its heatmap is of a "
-                         "thumbnail, not of the source frame)")
+    reason = seg_unsupported(source)
+    if reason is not None:
+        raise ValueError(reason)
     rows, columns = int(source.Rows), int(source.Columns)
     heatmap = np.asarray(prediction.heatmap, dtype=np.float32)
     if heatmap.shape != (rows, columns):
@@ -69,8 +83,18 @@ def build_heatmap_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
+    # highdicom checks the names it copies and warns with the name in the message (a patient
+    # name in the logs): it gets a copy without them; they are copied verbatim afterwards
+    view = Dataset()
+    for element in source:
+        if element.keyword not in _NAMES:
+            view.add(element)
+    if hasattr(source, "file_meta"):
+        view.file_meta = source.file_meta
+    view.PatientName = None
+    view.ReferringPhysicianName = None
     seg = hd.seg.Segmentation(
-        source_images=[source],
+        source_images=[view],
         pixel_array=heatmap[np.newaxis, :, :],
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         segment_descriptions=[segment],

@@ -93,3 +93,50 @@ def test_seg_of_a_heatmap_of_another_size_is_refused() -> None:
         build_heatmap_seg(us_source(), prediction(32, 40), series_instance_uid="1.2.3",
                           series_number=1, sop_instance_uid="1.2.3.4", instance_number=1,
                           manufacturer="x", software_version="1")
+
+
+@pytest.mark.parametrize("sample", ["MG/cbis-ddsm_P_00820_RIGHT_CC_malignant.dcm",
+                                    "US/US1_UNCR.dcm", "US/examples_palette.dcm"])
+def test_seg_of_real_samples_passes_dciodvfy_without_names_in_warnings(
+    shared_data: Path, tmp_path: Path, sample: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    require_tool("dciodvfy")
+    from pydicom import dcmread
+
+    from reports.seg import build_heatmap_seg
+
+    path = shared_data / "dicom-samples" / sample
+    if not path.is_file():
+        pytest.skip(f"sample {sample} is not in the shared data")
+    source = dcmread(path)
+    name = str(source.PatientName)
+    seg = build_heatmap_seg(
+        source, prediction(int(source.Rows), int(source.Columns)),
+        series_instance_uid="1.2.826.0.1.3680043.8.498.5.1", series_number=9001,
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.5.2", instance_number=1,
+        manufacturer="breastcad", software_version="1",
+    )
+    assert str(source.PatientName) == name  # the source is not changed
+    assert str(seg.PatientName) == name  # copied verbatim
+    assert not [w for w in recwarn if name and name in str(w.message)]
+    out = tmp_path / "seg.dcm"
+    seg.save_as(out, enforce_file_format=True)
+    verdict = dciodvfy(out)
+    assert not verdict.errors, verdict.output
+
+
+def test_multi_frame_sources_get_no_seg_but_the_rest(shared_data: Path) -> None:
+    from pydicom import dcmread
+
+    path = shared_data / "dicom-samples" / "US" / "OBXXXX1A_rle_2frame.dcm"
+    if not path.is_file():
+        pytest.skip("multi-frame sample not in the shared data")
+    from inference import image_from_dataset
+
+    source = dcmread(path)
+    image = image_from_dataset(source, frame=0)
+    p = prediction(int(source.Rows), int(source.Columns))
+    objects = build_results([source], [image], [p], series_prediction=p,
+                            software_version="1", with_seg=True)
+    assert objects.segmentations == []
+    assert len(objects.heatmaps) == 1
