@@ -8,7 +8,8 @@ each) a brute-force scan takes milliseconds; an approximate index (faiss, usearc
 off far beyond that.
 
 A "case" is a study: a search returns each study once (its nearest image) and never the study of
-the query itself.
+the query itself; a superseded result (one that another result names as its predecessor) is left
+out for its successor.
 """
 
 from __future__ import annotations
@@ -146,7 +147,12 @@ def nearest(
 ) -> list[Neighbour]:
     """The ``k`` past cases (studies) nearest to ``query`` among embeddings of model ``key``."""
     vector = normalised(query)
-    statement = select(CaseEmbedding).where(CaseEmbedding.model_key == key)
+    superseded = select(Result.predecessor_id).where(Result.predecessor_id.is_not(None))
+    statement = select(CaseEmbedding).where(
+        CaseEmbedding.model_key == key,
+        # a superseded result is no past case of its own: its successor is
+        CaseEmbedding.result_id.not_in(superseded),
+    )
     if exclude_study is not None:
         statement = statement.where(CaseEmbedding.study_instance_uid != exclude_study)
     with db.session() as session:

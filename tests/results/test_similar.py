@@ -114,3 +114,14 @@ def test_api_search_ground_truth_and_audit(db: StateDB, tmp_path: Path) -> None:
     puts = client.get("/audit", params={"action": "api-put"}).json()["items"]
     assert [(e["ok"], e["detail"]["status"]) for e in puts] == [(False, 422), (False, 404),
                                                                 (True, 200)]
+
+
+def test_a_superseded_result_is_not_a_past_case(db: StateDB) -> None:
+    query = _case(db, 1, "malignant", [_unit(1, 0.1)])
+    old = _case(db, 2, "benign", [_unit(1, 0.1)])  # nearest, but superseded below
+    far = _case(db, 3, "normal", [_unit(0.2, 1)])
+    with db.session() as session:
+        successor = session.get(Result, far)
+        assert successor is not None
+        successor.predecessor_id = old
+    assert [n.result_id for n in similar.similar_to_result(db, query)] == [far]
