@@ -31,12 +31,14 @@ install-test: $(STAMP_TEST)
 serve: install
 	$(BIN)/breastcad serve $(if $(CONFIG),--config $(CONFIG))
 
-## System packages the tests talk to: Orthanc (the PACS), dcmtk (storescu, dsrdump), dciodvfy.
+## System packages the tests talk to: Orthanc (the PACS), dcmtk (storescu, dsrdump), dciodvfy,
+## chromium (the dashboard test; Playwright drives /usr/bin/chromium, never its own browser).
 system-deps:
 	@missing=""; \
 	command -v Orthanc  >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
