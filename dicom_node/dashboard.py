@@ -12,6 +12,7 @@ the study page shows beside the heatmap.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Query
@@ -24,11 +25,15 @@ from dicom_node.db import Instance, StateDB
 from dicom_node.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-# the dashboard's own files; anything else under static/ (e.g. upload.*) is served by its owner
-_PAGE_FILES = {
-    "dashboard.js": "text/javascript; charset=utf-8",
-    "dashboard.css": "text/css; charset=utf-8",
+# what static/ may serve: plain files of these kinds, by name (no sub-folders, no dot-files)
+_MEDIA_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
 }
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 def _png(image: Image.Image) -> bytes:
@@ -47,10 +52,11 @@ def dashboard_router(settings: Settings, db: StateDB) -> APIRouter:
 
     @router.get("/static/{name}", response_class=FileResponse, include_in_schema=False)
     def static_file(name: str) -> FileResponse:
-        media_type = _PAGE_FILES.get(name)
-        if media_type is None:
+        path = STATIC_DIR / name
+        media_type = _MEDIA_TYPES.get(path.suffix)
+        if not _STATIC_NAME.match(name) or media_type is None or not path.is_file():
             raise HTTPException(404, f"no static file {name!r}")
-        return FileResponse(STATIC_DIR / name, media_type=media_type)
+        return FileResponse(path, media_type=media_type)
 
     @router.get(
         "/instances/{sop_instance_uid}/image.png",
