@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -91,8 +91,11 @@ class StorageSCP:
         settings: Settings,
         store: InstanceStore,
         on_stored: StoredCallback | None = None,
+        extra_handlers: Sequence[tuple[Any, Callable[[Event], None]]] = (),
     ) -> None:
         self.settings = settings
+        # more notification handlers (the audit trail, dicom_node.audit.DicomAudit)
+        self.extra_handlers = list(extra_handlers)
         self.store = store
         self.on_stored = on_stored
         self.ae = AE(ae_title=settings.ae_title)
@@ -121,6 +124,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, _log_association("accepted")),
             (evt.EVT_REJECTED, _log_association("rejected")),
+            *self.extra_handlers,
         ]
         # pynetdicom's start_server(block=False), with our server class: IP allow-list and a
         # TLS handshake per connection thread (dicom_node.security)
