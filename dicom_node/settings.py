@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     # a result whose suspicion (probability of malignancy) is at least this is flagged priority
     # (API, worklist, SR triage finding); null = never
     priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
+    # series of other modalities (CT, SR, KO, PR ...) are stored but never analysed: their
+    # series gets a job row ended at once with the reason, and a log line
+    analysed_modalities: list[str] = Field(default_factory=lambda: ["MG", "SM", "US"])
+    # mammography: a series is complete as soon as it holds the four screening views (L/R x
+    # CC/MLO) ("four_views"), else after series_quiet_seconds like any series ("quiet_period")
+    mammo_view_set: Literal["four_views", "quiet_period"] = "four_views"
+    # multi-frame ultrasound: at most this many evenly spaced frames are analysed per instance
+    us_max_frames: int = Field(default=16, ge=1)
+    # further directories of model cards (+ weights), searched before the bundled models
+    model_dirs: list[Path] = Field(default_factory=lambda: [])
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:
@@ -113,6 +123,11 @@ class Settings(BaseSettings):
                     f"configured destinations: {sorted(self.destinations)}"
                 )
         return self
+
+    @field_validator("analysed_modalities")
+    @classmethod
+    def _upper_modalities(cls, value: list[str]) -> list[str]:
+        return [item.strip().upper() for item in value if item.strip()]
 
     @field_validator("broker_url", "database_url", mode="before")
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from pydicom import Dataset
@@ -12,7 +12,7 @@ from inference.prediction import Prediction
 from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
-from reports.sr import build_sr
+from reports.sr import FindingGroup, build_sr
 from reports.uids import derive_uid, source_set
 
 SR_SERIES_NUMBER_OFFSET = 7000
@@ -132,6 +132,8 @@ def build_results(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
+    groups: Sequence[FindingGroup] | None = None,
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
@@ -148,6 +150,11 @@ def build_results(
     ``priority`` (None: no triage finding) is written into the SR as the triage finding;
     ``predecessor`` is the earlier SR this result supersedes (its Study, Series, SOP Class and
     SOP Instance UIDs are read; it must be of the same study and not the SR built here).
+
+    ``groups`` (e.g. one per breast) replace the SR's single series finding group; a group
+    without a tracking UID gets one derived like the others (role ``sr-tracking-<n>-<side>``).
+    ``frame_numbers[i]`` (1-based) is the frame of a multi-frame ``sources[i]`` that
+    ``images[i]`` shows: the SR's image references and the SC's Source Image Sequence name it.
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -169,6 +176,28 @@ def build_results(
     if predecessor is not None:
         _check_predecessor(predecessor, first, uid("sr-instance"))
 
+    if groups is not None:
+        for group in groups:
+            for index in group.source_indices:
+                if not 0 <= index < len(sources):
+                    raise ValueError(f"a finding group refers to source {index}, outside "
+                                     f"0..{len(sources) - 1}")
+            _check_prediction("a finding group's prediction", group.prediction,
+                              series_prediction)
+        groups = [
+            group if group.tracking_uid
+            else replace(group, tracking_uid=uid(f"sr-tracking-{n}-{group.laterality or 'U'}"))
+            for n, group in enumerate(groups)
+        ]
+    if frame_numbers is not None:
+        if len(frame_numbers) != len(sources):
+            raise ValueError(f"{len(frame_numbers)} frame numbers for {len(sources)} sources")
+        for source, number in zip(sources, frame_numbers, strict=True):
+            frames = positive_int(source.get("NumberOfFrames")) or 1
+            if number is not None and not 1 <= number <= frames:
+                raise ValueError(f"frame number {number} of {source.SOPInstanceUID} is not in "
+                                 f"1..{frames}")
+
     sr = build_sr(
         sources,
         series_prediction,
@@ -182,6 +211,8 @@ def build_results(
         software_version=software_version,
         priority=priority,
         predecessor=predecessor,
+        groups=groups,
+        frame_numbers=frame_numbers,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)
@@ -189,7 +220,7 @@ def build_results(
     for index, (source, image, prediction) in enumerate(
         zip(sources, images, predictions, strict=True)
     ):
-        heatmaps.append(build_heatmap_sc(
+        sc = build_heatmap_sc(
             source,
             image,
             prediction,
@@ -199,5 +230,10 @@ def build_results(
             instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
             manufacturer=manufacturer,
             software_version=software_version,
-        ))
+        )
+        number = frame_numbers[index] if frame_numbers is not None else None
+        if number is not None:
+            # the SC shows this frame of its multi-frame source
+            sc.SourceImageSequence[0].ReferencedFrameNumber = int(number)
+        heatmaps.append(sc)
     return ResultObjects(sr=sr, heatmaps=heatmaps)
