@@ -4,7 +4,12 @@
 shows it: decode (native, RLE, JPEG incl. YBR_FULL_422, JPEG-LS, JPEG 2000 through pydicom's pixel
 handlers), then for grayscale the Modality LUT / rescale, the VOI LUT or the first Window
 Center/Width (else a min-max stretch), MONOCHROME1 inverted; PALETTE COLOR through its lookup
-tables; YBR converted to RGB.
+tables; YBR converted to RGB. A For Processing X-ray image without VOI is shown from its
+PixelIntensityRelationship (log of linear values, polarity from its sign).
+
+Also here: what the attributes say about an image's place and orientation (``image_laterality``,
+``view_position``, ``mammo_flips``), the tissue region of an ultrasound image
+(``ultrasound_region``) and the frames to analyse of a multi-frame image (``frame_indices``).
 """
 
 from __future__ import annotations
@@ -80,6 +85,36 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     if function == "LINEAR_EXACT":
         return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _for_processing_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """A For Processing X-ray image without VOI -> 0..1 with dense tissue bright; None if the
+    image is not one or does not say how its values relate to the beam intensity.
+
+    Raw detector values proportional to the X-ray intensity (PixelIntensityRelationship LIN) are
+    taken to the log (attenuation is exponential in tissue thickness and density); a
+    PixelIntensityRelationshipSign of +1 (more intensity, higher value) means dense tissue has
+    low values, so the scale is reversed; then min-max to 0..1. This is what a viewer's
+    default presentation of raw data would be, not the vendor's image processing (equalisation,
+    unsharp masking), which For Processing images have not had.
+    """
+    intent = str(ds.get("PresentationIntentType") or "").strip().upper()
+    relationship = str(ds.get("PixelIntensityRelationship") or "").strip().upper()
+    sign = ds.get("PixelIntensityRelationshipSign")
+    if intent != "FOR PROCESSING" or relationship not in ("LIN", "LOG") or sign in (None, ""):
+        return None
+    if relationship == "LIN":
+        values = np.log(np.maximum(values, 1.0))
+    if int(sign) == 1:
+        values = -values
+    return _stretch(values)
+
+
+def _has_voi(ds: Dataset) -> bool:
+    sequence = ds.get("VOILUTSequence")
+    if sequence and np.asarray(sequence[0].get("LUTData", [])).size:
+        return True
+    return ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, "")
 
 
 def _grayscale_to_unit(frame: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -179,9 +214,15 @@ def image_from_dataset(ds: Dataset, frame: int = 0) -> np.ndarray:
                 color = convert_color_space(color, photometric, "RGB")
             result = _color_to_uint8(color, bits)
         elif array.ndim == 2:
-            unit = _grayscale_to_unit(array, ds)
-            if photometric == "MONOCHROME1":
-                unit = 1.0 - unit
+            raw = None if _has_voi(ds) else _for_processing_to_unit(
+                np.asarray(apply_modality_lut(array, ds), dtype=np.float64), ds
+            )
+            if raw is not None:
+                unit = raw  # polarity from PixelIntensityRelationshipSign, not photometric
+            else:
+                unit = _grayscale_to_unit(array, ds)
+                if photometric == "MONOCHROME1":
+                    unit = 1.0 - unit
             gray = _to_uint8(unit)
             result = np.repeat(gray[..., None], 3, axis=2)
         else:

@@ -49,6 +49,7 @@ from reports import build_results, overlay_png
 from reports.triage import is_priority, suspicion
 from workers import mammo, ultrasound
 from workers.analysis import (
+    ImageAnalysis,
     PipelineError,
     Predictor,
     SeriesAnalysis,
@@ -57,7 +58,8 @@ from workers.analysis import (
 )
 from workers.routing import ResultFacts, route
 
-__all__ = ["AnalysisFailed", "WorkerContext", "aggregate", "analyse", "deliver", "run_pipeline"]
+__all__ = ["AnalysisFailed", "WorkerContext", "aggregate", "analyse", "analyse_instance", "deliver",
+           "run_pipeline"]
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -269,6 +271,17 @@ def run_pipeline(
     if modality == "US":
         return ultrasound.analyse_series(datasets, classifier, ctx.settings.us_max_frames)
     return analyse_generic(datasets, classifier)
+
+
+def analyse_instance(ds: Dataset, classifier: Predictor, us_max_frames: int) -> ImageAnalysis:
+    """One instance through its modality's per-image pipeline (``breastcad predict``); raises
+    PipelineError with the reason."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality == "MG":
+        return mammo.analyse_instance(ds, classifier)
+    if modality == "US":
+        return ultrasound.analyse_instance(ds, classifier, us_max_frames)
+    return analyse_generic([ds], classifier).analyses[0]
 
 
 def _images_only(datasets: list[Dataset], paths: list[str]) -> tuple[list[Dataset], list[str]]:
