@@ -91,10 +91,11 @@ def _for_processing_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | Non
     """A For Processing X-ray image without VOI -> 0..1 with dense tissue bright; None if the
     image is not one or does not say how its values relate to the beam intensity.
 
-    Raw detector values proportional to the X-ray intensity (PixelIntensityRelationship LIN) are
-    taken to the log (attenuation is exponential in tissue thickness and density); a
-    PixelIntensityRelationshipSign of +1 (more intensity, higher value) means dense tissue has
-    low values, so the scale is reversed; then min-max to 0..1. This is what a viewer's
+    Raw detector values linear in the X-ray intensity (PixelIntensityRelationship LIN) are taken
+    to the log, reversed (attenuation is exponential in tissue thickness and density, so dense
+    tissue gets little intensity); with PixelIntensityRelationshipSign -1 (higher value, less
+    intensity) the intensity is 2^BitsStored - 1 - value. LOG values are reversed when the sign
+    is +1. Then min-max to 0..1. This is what a viewer's
     default presentation of raw data would be, not the vendor's image processing (equalisation,
     unsharp masking), which For Processing images have not had.
     """
@@ -103,11 +104,12 @@ def _for_processing_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | Non
     sign = ds.get("PixelIntensityRelationshipSign")
     if intent != "FOR PROCESSING" or relationship not in ("LIN", "LOG") or sign in (None, ""):
         return None
+    more_is_brighter_beam = int(sign) == 1
     if relationship == "LIN":
-        values = np.log(np.maximum(values, 1.0))
-    if int(sign) == 1:
-        values = -values
-    return _stretch(values)
+        if not more_is_brighter_beam:  # linear, falling: intensity is the distance to the top
+            values = float(2 ** int(ds.get("BitsStored", 16) or 16) - 1) - values
+        return _stretch(-np.log(np.maximum(values, 1.0)))
+    return _stretch(-values if more_is_brighter_beam else values)
 
 
 def _has_voi(ds: Dataset) -> bool:
@@ -363,9 +365,10 @@ def ultrasound_region(ds: Dataset) -> tuple[int, int, int, int] | None:
 
     From SequenceOfUltrasoundRegions: the 2D regions (RegionSpatialFormat 1), tissue ones
     (RegionDataType 1) preferred, the largest by area (a dual-view image gives its larger half).
-    Region corners are inclusive (PS3.3 C.8.5.5.1). A region overshooting the image by a pixel
-    or two (seen in real files: MaxX1 = Columns) is clipped; one lying further outside does not
-    describe these pixels and is ignored. None when there is no usable region.
+    Region corners are inclusive (PS3.3 C.8.5.5.1). A region overshooting the image (seen in
+    real files: MaxX1 = Columns; a copy cut short at the bottom) is clipped to it when at least
+    half of it lies inside; one lying mostly outside describes other pixels (seen: a downscaled
+    copy keeping its original's regions) and is ignored. None when there is no usable region.
     """
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
@@ -382,10 +385,12 @@ def ultrasound_region(ds: Dataset) -> tuple[int, int, int, int] | None:
             tissue = int(item.get("RegionDataType", 0)) == 1
         except (AttributeError, TypeError, ValueError):
             continue
-        slack = 2
-        if x0 < 0 or y0 < 0 or x1 < x0 or y1 < y0 or x1 >= columns + slack or y1 >= rows + slack:
+        if x0 < 0 or y0 < 0 or x1 < x0 or y1 < y0:
             continue
         box = (y0, x0, min(y1 + 1, rows), min(x1 + 1, columns))
+        inside = max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+        if inside < 0.5 * (y1 - y0 + 1) * (x1 - x0 + 1):
+            continue  # mostly outside the image: it describes other pixels (a resized copy)
         if box[2] - box[0] < 16 or box[3] - box[1] < 16:
             continue
         candidates.append(((box[2] - box[0]) * (box[3] - box[1]), tissue, box))
