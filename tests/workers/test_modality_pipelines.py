@@ -166,7 +166,7 @@ def test_ultrasound_multiframe_picks_the_most_suspicious_sampled_frame(
     assert analysis.details["region"] is None  # its regions lie outside its frames
     one_by_one = {
         n: us_model.predict(image_from_dataset(ds, n - 1))
-        for n in analysis.details["frames_analysed"]  # type: ignore[union-attr]
+        for n in analysis.details["frames_analysed"]
     }
     best = max(one_by_one, key=lambda n: suspicion(one_by_one[n].probabilities) or 0.0)
     assert analysis.frame_number == best
