@@ -173,6 +173,7 @@ def predict(
     from workers.tasks import analyse_instance
 
     us_max_frames = Settings.model_fields["us_max_frames"].default
+    mg_max_side = Settings.model_fields["mg_max_side"].default
 
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, Classifier] = {}
@@ -192,7 +193,9 @@ def predict(
                 models[file_modality] = load_bundled(file_modality)
             if ds is not None:
                 # the node's per-image pipeline (US region crop and frames, MG orientation)
-                analysed = analyse_instance(ds, models[file_modality], us_max_frames)
+                analysed = analyse_instance(
+                    ds, models[file_modality], us_max_frames, mg_max_side
+                )
                 image, prediction = analysed.image, analysed.prediction
             else:
                 prediction = models[file_modality].predict(image)

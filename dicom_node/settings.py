@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # mammography: a series is complete as soon as it holds the four screening views (L/R x
     # CC/MLO) ("four_views"), else after series_quiet_seconds like any series ("quiet_period")
     mammo_view_set: Literal["four_views", "quiet_period"] = "four_views"
+    # mammograms are analysed (and their heatmap SC made) at most this many pixels on the
+    # longer side (scaled down with a box filter); null = full size
+    mg_max_side: int | None = Field(default=2048, ge=256)
     # multi-frame ultrasound: at most this many evenly spaced frames are analysed per instance
     us_max_frames: int = Field(default=16, ge=1)
     # further directories of model cards (+ weights), searched before the bundled models

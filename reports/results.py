@@ -101,12 +101,22 @@ def _check_inputs(
             dtype = getattr(image, "dtype", None)
             raise ValueError(f"images[{index}] must be a uint8 (H, W, 3) array, got {dtype} "
                              f"{shape}")
-        # A slide's Rows/Columns are one tile; its display image is a thumbnail of any size.
+        # A slide's Rows/Columns are one tile; its display image is a thumbnail of any size. A
+        # mammogram may be shown scaled down (workers/mammo.py: mg_max_side), keeping its shape.
         if source.Modality != "SM":
-            expected = (source.get("Rows"), source.get("Columns"))
-            if (image.shape[0], image.shape[1]) != expected:
+            expected = (int(source.get("Rows") or 0), int(source.get("Columns") or 0))
+            shape = (int(image.shape[0]), int(image.shape[1]))
+            if shape != expected and not (source.Modality == "MG" and _scaled_down(shape,
+                                                                                   expected)):
                 raise ValueError(f"images[{index}] is {image.shape[0]}x{image.shape[1]}, "
                                  f"its source is {expected[0]}x{expected[1]} (Rows x Columns)")
+
+
+def _scaled_down(shape: tuple[int, int], full: tuple[int, int]) -> bool:
+    """Whether ``shape`` is ``full`` scaled down, its aspect ratio kept (to rounding)."""
+    if not (0 < shape[0] <= full[0] and 0 < shape[1] <= full[1]):
+        return False
+    return abs(shape[0] / full[0] - shape[1] / full[1]) <= 1.0 / min(shape)
 
 
 def _check_predecessor(predecessor: Dataset, first: Dataset, sr_uid: str) -> None:

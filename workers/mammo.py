@@ -2,7 +2,11 @@
 
 Per image:
 - display pixels (``inference.image_from_dataset``: Modality LUT, VOI LUT or window, MONOCHROME1
-  inverted, 16-bit; For Processing images through their PixelIntensityRelationship);
+  inverted, 16-bit; For Processing images through their PixelIntensityRelationship), scaled
+  down (box filter) to at most ``mg_max_side`` pixels on the longer side (a 4k x 3k detector
+  image costs seconds in every full-size step: resampling for the model, Grad-CAM upsampling,
+  the overlay, and a 38 MB SC; 2048 px of a 24 cm detector is still about 120 micron, finer
+  than the 200 micron films of mini-MIAS); the SC shows this image;
 - flipped to the common orientation (chest wall left, as a left breast is hung) by
   PatientOrientation, else ImageLaterality/Laterality (``inference.dicom_pixels.mammo_flips``),
   else, with neither, by which half of the image holds more tissue;
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
 
 from inference.dicom_pixels import image_laterality, mammo_flips, view_position
@@ -54,8 +59,22 @@ def _flips_from_pixels(image: np.ndarray) -> tuple[bool, bool]:
     return bool(gray[:, half:].mean() > gray[:, :half].mean()), False
 
 
-def analyse_instance(ds: Dataset, classifier: Predictor) -> ImageAnalysis:
-    image = decode(ds, 0)
+def _reduce(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The image scaled down (box filter) so that its longer side is at most ``max_side``."""
+    longest = max(image.shape[0], image.shape[1])
+    if max_side is None or longest <= max_side:
+        return image
+    scale = max_side / longest
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX), dtype=np.uint8)
+
+
+def analyse_instance(
+    ds: Dataset, classifier: Predictor, max_side: int | None = None
+) -> ImageAnalysis:
+    """One mammogram; ``max_side`` caps the analysed (and shown) image's longer side."""
+    full = decode(ds, 0)
+    image = _reduce(full, max_side)
     flips = mammo_flips(ds)
     source_of_flips = "attributes"
     if flips is None:
@@ -73,6 +92,7 @@ def analyse_instance(ds: Dataset, classifier: Predictor) -> ImageAnalysis:
             "flipped_left_right": flips[0],
             "flipped_up_down": flips[1],
             "orientation_from": source_of_flips,
+            "analysed_size": [int(image.shape[0]), int(image.shape[1])],
         },
     )
 
@@ -109,8 +129,10 @@ def breast_groups(
     return groups, details
 
 
-def analyse_series(datasets: Sequence[Dataset], classifier: Predictor) -> SeriesAnalysis:
-    analyses = [analyse_instance(ds, classifier) for ds in datasets]
+def analyse_series(
+    datasets: Sequence[Dataset], classifier: Predictor, max_side: int | None = None
+) -> SeriesAnalysis:
+    analyses = [analyse_instance(ds, classifier, max_side) for ds in datasets]
     groups, details = breast_groups(analyses)
     study = max(groups, key=lambda group: suspicion_key(group.prediction)).prediction
     return SeriesAnalysis(

@@ -267,18 +267,20 @@ def run_pipeline(
 ) -> SeriesAnalysis:
     """The modality's pipeline (one branch per modality; the generic one for the rest)."""
     if modality == "MG":
-        return mammo.analyse_series(datasets, classifier)
+        return mammo.analyse_series(datasets, classifier, ctx.settings.mg_max_side)
     if modality == "US":
         return ultrasound.analyse_series(datasets, classifier, ctx.settings.us_max_frames)
     return analyse_generic(datasets, classifier)
 
 
-def analyse_instance(ds: Dataset, classifier: Predictor, us_max_frames: int) -> ImageAnalysis:
+def analyse_instance(
+    ds: Dataset, classifier: Predictor, us_max_frames: int, mg_max_side: int | None = None
+) -> ImageAnalysis:
     """One instance through its modality's per-image pipeline (``breastcad predict``); raises
     PipelineError with the reason."""
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality == "MG":
-        return mammo.analyse_instance(ds, classifier)
+        return mammo.analyse_instance(ds, classifier, mg_max_side)
     if modality == "US":
         return ultrasound.analyse_instance(ds, classifier, us_max_frames)
     return analyse_generic([ds], classifier).analyses[0]

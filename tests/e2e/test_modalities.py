@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 from node_process import Node
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -282,9 +283,12 @@ def _check_pacs(
     # the SC is in the orientation the radiologist sees: it matches the source as received
     for path in batch["mg_four_views"] + batch["mg_samples"]:
         source = dcmread(path)
-        display = image_from_dataset(source).mean(axis=2)
         sc = scs[str(source.SOPInstanceUID)]
         shown = sc.pixel_array.mean(axis=2)
+        # shown at most mg_max_side (2048) on the longer side: compare at the SC's size
+        full = Image.fromarray(image_from_dataset(source)).convert("L")
+        display = np.asarray(full.resize((sc.Columns, sc.Rows), Image.Resampling.BOX), float)
+        assert max(sc.Rows, sc.Columns) <= 2048
         step = max(1, display.shape[0] // 256)
         a, b = display[::step, ::step].ravel(), shown[::step, ::step].ravel()
         mirrored = display[::step, ::step][:, ::-1].ravel()

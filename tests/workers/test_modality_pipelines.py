@@ -11,6 +11,7 @@ input's left half, so both tell what the model was given.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from inference import (
 )
 from inference.dicom_pixels import ultrasound_region
 from inference.paths import shared_data_dir
+from reports import build_results
 from reports.triage import suspicion
 from workers import mammo, ultrasound
 from workers.analysis import PipelineError
@@ -251,3 +253,23 @@ def test_for_processing_twin_gets_the_same_result(us_model: Classifier) -> None:
     for label in model.labels:
         assert abs(a.probabilities[label] - b.probabilities[label]) < 0.02, (label, a, b)
     assert float(np.abs(a.heatmap - b.heatmap).mean()) < 0.05
+
+
+def test_large_mammogram_is_analysed_and_shown_scaled_down(samples: Path) -> None:
+    ds = pydicom.dcmread(samples / "MG/cbis-ddsm_P_00820_RIGHT_CC_malignant.dcm")  # 4688x2592
+    model = BrightnessModel()
+    analysis = mammo.analyse_instance(ds, model, max_side=1024)
+    assert analysis.image.shape == (1024, 566, 3)
+    assert model.inputs[0].shape == (1024, 566, 3)
+    assert analysis.prediction.heatmap.shape == (1024, 566)
+    assert analysis.details["analysed_size"] == [1024, 566]
+    results = build_results([ds], [analysis.image], [analysis.prediction],
+                            series_prediction=analysis.prediction, software_version="test")
+    sc = results.heatmaps[0]
+    assert (sc.Rows, sc.Columns) == (1024, 566)
+    assert "PixelSpacing" not in sc  # the source's spacing does not hold for the scaled image
+    with pytest.raises(ValueError, match="Rows x Columns"):
+        squashed = np.ascontiguousarray(analysis.image[:, :400])
+        build_results([ds], [squashed], [replace(analysis.prediction,
+                                                 heatmap=analysis.prediction.heatmap[:, :400])],
+                      series_prediction=analysis.prediction, software_version="test")
