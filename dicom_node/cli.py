@@ -168,16 +168,20 @@ def predict(
 ) -> None:
     """Classify images with the bundled models and write a heatmap PNG for each."""
     from pydicom import dcmread
+    from pydicom.dataset import Dataset
     from pydicom.errors import InvalidDicomError
 
     from inference import (
         Classifier,
         ModelNotAvailableError,
-        image_from_dataset,
         image_from_file,
         load_bundled,
     )
     from reports import overlay_png
+    from workers.tasks import analyse_instance
+
+    us_max_frames = Settings.model_fields["us_max_frames"].default
+    mg_max_side = Settings.model_fields["mg_max_side"].default
 
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, Classifier] = {}
@@ -185,16 +189,24 @@ def predict(
     for path in files:
         record: dict[str, object] = {"file": str(path)}
         try:
+            ds: Dataset | None
             try:
                 ds = dcmread(path)
                 file_modality = str(ds.get("Modality", "")).strip() or (modality or "")
-                image = image_from_dataset(ds)
             except InvalidDicomError:
+                ds = None
                 file_modality = (modality or "US").upper()
                 image = image_from_file(path)
             if file_modality not in models:
                 models[file_modality] = load_bundled(file_modality)
-            prediction = models[file_modality].predict(image)
+            if ds is not None:
+                # the node's per-image pipeline (US region crop and frames, MG orientation)
+                analysed = analyse_instance(
+                    ds, models[file_modality], us_max_frames, mg_max_side
+                )
+                image, prediction = analysed.image, analysed.prediction
+            else:
+                prediction = models[file_modality].predict(image)
         except (ValueError, OSError, ModelNotAvailableError) as exc:
             failures += 1
             record["error"] = str(exc)

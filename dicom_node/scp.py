@@ -25,7 +25,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -110,6 +110,11 @@ class StorageSCP:
         )
         for sop_class in STORAGE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        # every other storage class (CT, SR, KOS ...) is stored too, and never analysed
+        for context in AllStoragePresentationContexts:
+            other = context.abstract_syntax
+            if other is not None and other not in STORAGE_SOP_CLASSES:
+                self.ae.add_supported_context(other, TRANSFER_SYNTAXES)
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -167,7 +172,8 @@ class StorageSCP:
                 str(request.AffectedSOPInstanceUID),
             )
             transfer_syntax = str(event.context.transfer_syntax)
-            check_pixel_data(dataset, transfer_syntax, self.settings.max_frame_pixels)
+            if identity.sop_class_uid in STORAGE_SOP_CLASSES or "PixelData" in dataset:
+                check_pixel_data(dataset, transfer_syntax, self.settings.max_frame_pixels)
         except InvalidInstance as exc:
             log.warning(
                 "refused instance %s from %s: %s (0x%04X)",

@@ -178,6 +178,19 @@ class Settings(BaseSettings):
     fhir_endpoint: FhirEndpoint | None = None
     # how many similar past cases (nearest embeddings of other studies) the SR lists; 0 = none
     similar_cases_in_sr: int = Field(default=5, ge=0, le=50)
+    # series of other modalities (CT, SR, KO, PR ...) are stored but never analysed: their
+    # series gets a job row ended at once with the reason, and a log line
+    analysed_modalities: list[str] = Field(default_factory=lambda: ["MG", "SM", "US"])
+    # mammography: a series is complete as soon as it holds the four screening views (L/R x
+    # CC/MLO) ("four_views"), else after series_quiet_seconds like any series ("quiet_period")
+    mammo_view_set: Literal["four_views", "quiet_period"] = "four_views"
+    # mammograms are analysed (and their heatmap SC made) at most this many pixels on the
+    # longer side (scaled down with a box filter); null = full size
+    mg_max_side: int | None = Field(default=2048, ge=256)
+    # multi-frame ultrasound: at most this many evenly spaced frames are analysed per instance
+    us_max_frames: int = Field(default=16, ge=1)
+    # further directories of model cards (+ weights), searched before the bundled models
+    model_dirs: list[Path] = Field(default_factory=lambda: [])
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:
@@ -220,6 +233,11 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip() == "":
             return None
         return value
+
+    @field_validator("analysed_modalities")
+    @classmethod
+    def _upper_modalities(cls, value: list[str]) -> list[str]:
+        return [item.strip().upper() for item in value if item.strip()]
 
     @field_validator("broker_url", "database_url", mode="before")
     @classmethod

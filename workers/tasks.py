@@ -48,14 +48,27 @@ from inference import (
     Classifier,
     ModelNotAvailableError,
     Prediction,
-    image_from_dataset,
     load_bundled,
+    number_of_frames,
 )
+from inference.dicom_pixels import image_laterality
 from reports import build_results, overlay_png
 from reports.fhir import diagnostic_report
 from reports.sr import SimilarCase
 from reports.triage import is_priority, suspicion
+from workers import mammo, ultrasound
+from workers.analysis import (
+    ImageAnalysis,
+    PipelineError,
+    Predictor,
+    SeriesAnalysis,
+    aggregate,
+    analyse_generic,
+)
 from workers.routing import ResultFacts, route
+
+__all__ = ["AnalysisFailed", "WorkerContext", "aggregate", "analyse", "analyse_instance", "deliver",
+           "run_pipeline"]
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -80,10 +93,20 @@ class WorkerContext:
         self._lock = threading.Lock()
 
     def classifier(self, modality: str) -> Classifier:
+        """The model of ``modality``: from the first of ``model_dirs`` that has one, else the
+        bundled one; ModelNotAvailableError when there is none."""
         with self._lock:
             if modality not in self._models:
-                self._models[modality] = load_bundled(modality)
+                self._models[modality] = self._load(modality)
             return self._models[modality]
+
+    def _load(self, modality: str) -> Classifier:
+        for directory in self.settings.model_dirs:
+            try:
+                return load_bundled(modality, directory)
+            except ModelNotAvailableError:
+                continue
+        return load_bundled(modality)
 
 
 # -- analysis -------------------------------------------------------------------------------
@@ -243,60 +266,75 @@ def _predecessor(
     return previous.id, reference
 
 
-def aggregate(predictions: Sequence[Prediction]) -> Prediction:
-    """The series finding: mean class probabilities; the heatmap of its most confident image."""
-    if len(predictions) == 1:
-        return predictions[0]
-    first = predictions[0]
-    mean = {
-        label: float(np.mean([p.probabilities[label] for p in predictions]))
-        for label in first.labels
-    }
-    label = max(mean, key=lambda name: mean[name])
-    best = max(predictions, key=lambda p: p.probabilities[label])
-    return Prediction(
-        modality=first.modality,
-        label=label,
-        labels=first.labels,
-        probabilities=mean,
-        model_name=first.model_name,
-        model_version=first.model_version,
-        model_sha256=first.model_sha256,
-        heatmap=best.heatmap,
-        embedding=np.mean([p.embedding for p in predictions], axis=0).astype(np.float32),
-        ood_score=max((p.ood_score for p in predictions if p.ood_score is not None), default=None),
-        not_assessable=all(p.not_assessable for p in predictions),
-    )
-
-
 def _laterality(ds: Dataset) -> str | None:
     """'L' or 'R' from ImageLaterality, else Laterality; None when unknown."""
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(ds.get(keyword) or "").strip().upper()
-        if value in ("L", "R"):
-            return value
-    return None
+    return image_laterality(ds)
+
+
+def run_pipeline(
+    ctx: WorkerContext, modality: str, datasets: Sequence[Dataset], classifier: Predictor
+) -> SeriesAnalysis:
+    """The modality's pipeline (one branch per modality; the generic one for the rest)."""
+    if modality == "MG":
+        return mammo.analyse_series(datasets, classifier, ctx.settings.mg_max_side)
+    if modality == "US":
+        return ultrasound.analyse_series(datasets, classifier, ctx.settings.us_max_frames)
+    return analyse_generic(datasets, classifier)
+
+
+def analyse_instance(
+    ds: Dataset, classifier: Predictor, us_max_frames: int, mg_max_side: int | None = None
+) -> ImageAnalysis:
+    """One instance through its modality's per-image pipeline (``breastcad predict``); raises
+    PipelineError with the reason."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality == "MG":
+        return mammo.analyse_instance(ds, classifier, mg_max_side)
+    if modality == "US":
+        return ultrasound.analyse_instance(ds, classifier, us_max_frames)
+    return analyse_generic([ds], classifier).analyses[0]
+
+
+def _images_only(datasets: list[Dataset], paths: list[str]) -> tuple[list[Dataset], list[str]]:
+    """The instances with pixel data; the others (a KOS or an SR filed in an image series) are
+    stored, logged and left out."""
+    kept = [(ds, path) for ds, path in zip(datasets, paths, strict=True) if number_of_frames(ds)]
+    for ds in datasets:
+        if not number_of_frames(ds):
+            log.info("instance %s (SOP class %s) has no pixel data: not analysed",
+                     ds.get("SOPInstanceUID"), ds.get("SOPClassUID"))
+    if not kept:
+        classes = sorted({str(ds.get("SOPClassUID")) for ds in datasets})
+        raise AnalysisFailed(
+            f"the series holds no image (no PixelData in its {len(datasets)} instance(s) of "
+            f"SOP class {', '.join(classes)}): nothing to analyse"
+        )
+    return [ds for ds, _ in kept], [path for _, path in kept]
 
 
 def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
     datasets, series, source_paths = _load_datasets(ctx, job.series_instance_uid)
     modality = str(datasets[0].get("Modality", "")).strip() or (series.modality or "")
+    if modality.upper() not in ctx.settings.analysed_modalities:
+        raise AnalysisFailed(
+            f"Modality {modality!r} has no analysis pipeline (analysed: "
+            f"{', '.join(ctx.settings.analysed_modalities)}): stored, not analysed"
+        )
+    datasets, source_paths = _images_only(datasets, source_paths)
     try:
         classifier = ctx.classifier(modality)
     except ModelNotAvailableError as exc:
         raise AnalysisFailed(str(exc)) from exc
-    images: list[np.ndarray] = []
-    for ds in datasets:
-        try:
-            images.append(image_from_dataset(ds, frame=0))
-        except ValueError as exc:
-            raise AnalysisFailed(
-                f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"
-            ) from exc
     started = time.perf_counter()
-    predictions = [classifier.predict(image) for image in images]
+    try:
+        analysis = run_pipeline(ctx, modality, datasets, classifier)
+    except PipelineError as exc:
+        raise AnalysisFailed(str(exc)) from exc
     inference_seconds = time.perf_counter() - started
-    series_prediction = aggregate(predictions)
+    series_prediction = analysis.series_prediction
+    images = [a.image for a in analysis.analyses]
+    predictions = [a.prediction for a in analysis.analyses]
+    frame_numbers = [a.frame_number for a in analysis.analyses]
     suspicious = suspicion(series_prediction.probabilities)
     priority = is_priority(suspicious, ctx.settings.priority_threshold)
     predecessor = _predecessor(
@@ -316,6 +354,8 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         predecessor=predecessor[1] if predecessor is not None else None,
         similar_cases=similar_cases,
         with_seg=_wants_seg(ctx, modality),
+        groups=analysis.groups,
+        frame_numbers=frame_numbers if any(n is not None for n in frame_numbers) else None,
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder
@@ -372,13 +412,16 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                 "png": png_names,
                 "per_image": [
                     {
-                        "sop_instance_uid": str(ds.SOPInstanceUID),
-                        "label": p.label,
-                        "probabilities": dict(p.probabilities),
-                        "laterality": _laterality(ds),
+                        "sop_instance_uid": str(a.source.SOPInstanceUID),
+                        "label": a.prediction.label,
+                        "probabilities": dict(a.prediction.probabilities),
+                        "laterality": _laterality(a.source),
+                        "frame_number": a.frame_number,
+                        **a.details,
                     }
-                    for ds, p in zip(datasets, predictions, strict=True)
+                    for a in analysis.analyses
                 ],
+                "groups": analysis.group_details,
             },
         )
         session.add(result)
