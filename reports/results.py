@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom import Dataset
@@ -12,11 +12,13 @@ from inference.prediction import Prediction
 from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
-from reports.sr import build_sr
+from reports.seg import build_heatmap_seg, seg_unsupported
+from reports.sr import SimilarCase, build_sr
 from reports.uids import derive_uid, source_set
 
 SR_SERIES_NUMBER_OFFSET = 7000
 SC_SERIES_NUMBER_OFFSET = 8000
+SEG_SERIES_NUMBER_OFFSET = 9000
 _MAX_IS = 2**31 - 1
 _MAX_LO = 64
 
@@ -27,6 +29,8 @@ class ResultObjects:
 
     sr: Dataset
     heatmaps: list[Dataset]
+    # heatmap Segmentations (FRACTIONAL), one per source image, when asked for (with_seg)
+    segmentations: list[Dataset] = field(default_factory=list)
 
 
 def _result_series_number(source: Dataset, offset: int) -> int:
@@ -132,6 +136,8 @@ def build_results(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
+    with_seg: bool = False,
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
@@ -148,6 +154,10 @@ def build_results(
     ``priority`` (None: no triage finding) is written into the SR as the triage finding;
     ``predecessor`` is the earlier SR this result supersedes (its Study, Series, SOP Class and
     SOP Instance UIDs are read; it must be of the same study and not the SR built here).
+
+    ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
+    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image that can have one
+    (not slides, not multi-frame images: :func:`reports.seg.seg_unsupported`).
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -182,6 +192,7 @@ def build_results(
         software_version=software_version,
         priority=priority,
         predecessor=predecessor,
+        similar_cases=similar_cases,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)
@@ -200,4 +211,21 @@ def build_results(
             manufacturer=manufacturer,
             software_version=software_version,
         ))
-    return ResultObjects(sr=sr, heatmaps=heatmaps)
+    segmentations: list[Dataset] = []
+    if with_seg:
+        seg_series_uid = uid("seg-series")
+        seg_series_number = _result_series_number(first, SEG_SERIES_NUMBER_OFFSET)
+        for index, (source, prediction) in enumerate(zip(sources, predictions, strict=True)):
+            if seg_unsupported(source) is not None:
+                continue  # a slide, a multi-frame image: the SR and SC carry the result
+            segmentations.append(build_heatmap_seg(
+                source,
+                prediction,
+                series_instance_uid=seg_series_uid,
+                series_number=seg_series_number,
+                sop_instance_uid=uid(f"seg-instance-{source.SOPInstanceUID}"),
+                instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
+                manufacturer=manufacturer,
+                software_version=software_version,
+            ))
+    return ResultObjects(sr=sr, heatmaps=heatmaps, segmentations=segmentations)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom import Dataset
@@ -17,6 +18,46 @@ TRACKING_IDENTIFIER = "breastcad series finding"
 
 _PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})
+
+
+@dataclass(frozen=True)
+class SimilarCase:
+    """A past case whose images look like this one's to the model (embedding retrieval)."""
+
+    study_instance_uid: str
+    label: str
+    distance: float
+
+
+def similar_case_items(cases: Sequence[SimilarCase]) -> list[hd.sr.ContainerContentItem]:
+    """One CONTAINER "Similar case" (99BCAD) per case: its Study Instance UID (DCM 110180), its
+    finding (99BCAD SIMFINDING = the coded class) and the cosine distance (99BCAD COSDIST,
+    UCUM "1")."""
+    items = []
+    for case in cases:
+        container = hd.sr.ContainerContentItem(
+            name=codes.SIMILAR_CASE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        container.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.UIDRefContentItem(
+                name=codes.STUDY_INSTANCE_UID,
+                value=case.study_instance_uid,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.CodeContentItem(
+                name=codes.SIMILAR_CASE_FINDING,
+                value=codes.class_concepts(case.label).finding,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.NumContentItem(
+                name=codes.COSINE_DISTANCE,
+                value=float(case.distance),
+                unit=codes.NO_UNITS,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        ])
+        items.append(container)
+    return items
 
 
 def _library_entry_ok(view: Dataset) -> bool:
@@ -97,6 +138,7 @@ def build_sr(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR with one TID 1501 measurement group for ``series_prediction``.
 
@@ -107,6 +149,8 @@ def build_sr(
     (SCT 260870009 "Priority" = SCT 394849002 "High priority" or 394848005 "Normal priority")
     unless ``priority`` is None, and every source image. ``predecessor`` (an earlier breastcad
     SR of the same study that this one supersedes) goes into the Predecessor Documents Sequence.
+    ``similar_cases`` (nearest past cases of other studies) are listed in the measurement group,
+    one "Similar case" container each (:func:`similar_case_items`).
     """
     views = [reference_view(source) for source in sources]
     # highdicom would pass the evidence's names through its person-name check, which rejects
@@ -150,6 +194,9 @@ def build_sr(
             for view in views
         ],
     )
+    if similar_cases:
+        # after the TID 1501 rows: each similar case's study, finding and distance
+        group[0].ContentSequence.extend(similar_case_items(similar_cases))
     library = [view for view in views if _library_entry_ok(view)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
