@@ -180,15 +180,16 @@ def test_upload_page_in_chromium(upload_node: Node, shared_data: Path, tmp_path:
 def test_upload_page_lists_similar_cases(
     upload_node: Node, shared_data: Path, tmp_path: Path
 ) -> None:
-    """The page's rendering of similar cases. ``GET /results/{id}/similar`` is being built in
-    another branch and is not in this node yet, so this test, and only this one, answers that
-    request in the browser with a made-up list in that endpoint's shape (a Playwright route: a
-    mock by necessity). Everything else (upload, storage, analysis, the result) is real."""
+    """The page's rendering of similar cases. A fresh node has no past case to compare with
+    (``GET /results/{id}/similar`` answers an empty list, or 404 without embeddings): the page
+    says "No similar cases yet". For the list itself, this test, and only this one, answers that
+    request in the browser with a made-up list in the endpoint's shape (a Playwright route).
+    Everything else (upload, storage, analysis, the result) is real."""
     sync_api = _playwright()
     dicom = shared_data / US_SAMPLE
     if not dicom.exists():
         pytest.skip(f"{dicom} is missing from the shared data")
-    # the shape of GET /results/{id}/similar as the similar-cases branch (h5) builds it
+    # the shape of GET /results/{id}/similar (dicom_node/similar.py)
     similar = {
         "result_id": 1,
         "k": 5,
@@ -208,7 +209,7 @@ def test_upload_page_lists_similar_cases(
         try:
             page = browser.new_page()
             page.goto(f"{upload_node.url}/upload")
-            # without the endpoint (this node): "no similar cases yet"
+            # nothing to compare with yet: "no similar cases yet"
             page.set_input_files("#file-input", [str(dicom)])
             done = page.locator('article.card[data-state="done"]')
             sync_api.expect(done).to_have_count(1, timeout=240_000)
