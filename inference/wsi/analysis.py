@@ -188,7 +188,7 @@ def analyse_slide(
     *,
     threshold: float = 0.5,
     min_tissue_fraction: float = 0.3,
-    batch_size: int = 256,
+    batch_size: int = 64,
     block_tiles: int = 16,
     thumbnail_pixels: int = 1536,
     max_tiles: int | None = None,
