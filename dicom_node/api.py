@@ -36,8 +36,10 @@ from dicom_node.db import (
     StateDB,
     Study,
 )
+from dicom_node.dicomweb import DicomwebService, dicomweb_router
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
+from dicom_node.upload import upload_router
 from reports.fhir import ReportFacts, diagnostic_report, searchset
 
 FHIR_JSON = "application/fhir+json"
@@ -375,6 +377,9 @@ def create_api(
     install_api_errors(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
+    dicomweb = DicomwebService(settings, db)
+    app.include_router(dicomweb_router(dicomweb))
+    app.include_router(upload_router(settings, dicomweb))
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``breastcad`` command: serve, worker, predict, models, deliveries, routes.
+"""The ``breastcad`` command: serve, worker, predict, models, train, evaluate, deliveries, routes.
 
 The CLI composes the processes, so it is the one place in ``dicom_node`` that imports ``workers``.
 """
@@ -18,6 +18,7 @@ import typer
 # slower on a shared 2-core machine whenever another process is busy (measured here).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from dicom_node.model_commands import evaluate_command, train_command
 from dicom_node.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(
@@ -29,6 +30,8 @@ deliveries_app = typer.Typer(help="Inspect and retry deliveries of results to de
 app.add_typer(deliveries_app, name="deliveries")
 routes_app = typer.Typer(help="Check routing rules.")
 app.add_typer(routes_app, name="routes")
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
 
 ConfigOption = Annotated[
     Path | None,

@@ -45,6 +45,16 @@ class Destination(BaseModel):
     tls_private_key: Path | None = None
 
 
+class DicomwebDestination(BaseModel):
+    """A DICOMweb origin server that receives results by STOW-RS (``{dicomweb}/studies``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # the service root, e.g. http://pacs:8042/dicom-web
+    dicomweb: str = Field(pattern=r"^https?://\S+$")
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
 class RouteCondition(BaseModel):
     """When a route applies; every given field must match (an empty condition matches all)."""
 
@@ -115,7 +125,8 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     # decompression-bomb guard: a frame with more pixels than this is refused (0xC003)
     max_frame_pixels: int = Field(default=100_000_000, ge=1)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    # C-STORE peers ({host, port, ae_title}) or STOW-RS servers ({dicomweb: URL})
+    destinations: dict[str, Destination | DicomwebDestination] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=lambda: [])
     # bounded retries for deliveries: attempt n waits delivery_backoff_seconds * 2**(n-1)
     delivery_max_attempts: int = Field(default=5, ge=1)
@@ -133,6 +144,10 @@ class Settings(BaseSettings):
     # a result whose suspicion (probability of malignancy) is at least this is flagged priority
     # (API, worklist, SR triage finding); null = never
     priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
+    # the upload page's POST /analyse refuses larger files (413)
+    upload_max_bytes: int = Field(default=200_000_000, ge=1)
+    # a STOW-RS request body (held in memory while it is stored) larger than this is refused (413)
+    stow_max_bytes: int = Field(default=1_000_000_000, ge=1)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:

@@ -37,7 +37,8 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.scu import DeliveryError, send_files
-from dicom_node.settings import Settings
+from dicom_node.settings import DicomwebDestination, Settings
+from dicom_node.stow_client import stow_files
 from inference import (
     Classifier,
     ModelNotAvailableError,
@@ -426,7 +427,10 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
             ctx.settings.results_dir / name for name in result.files["sc"]
         ]
         try:
-            send_files(destination, files, calling_ae=ctx.settings.ae_title)
+            if isinstance(destination, DicomwebDestination):
+                stow_files(destination, files)
+            else:
+                send_files(destination, files, calling_ae=ctx.settings.ae_title)
         except (DeliveryError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     finished = utcnow()
