@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP_RUN  := $(VENV)/.installed-run-$(HASH)
 STAMP_TEST := $(VENV)/.installed-test-$(HASH)
-APT_PACKAGES := orthanc dcmtk dicom3tools
+APT_PACKAGES := orthanc dcmtk dicom3tools orthanc-dicomweb chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck install install-test system-deps models clean
@@ -31,12 +31,16 @@ install-test: $(STAMP_TEST)
 serve: install
 	$(BIN)/breastcad serve $(if $(CONFIG),--config $(CONFIG))
 
-## System packages the tests talk to: Orthanc (the PACS), dcmtk (storescu, dsrdump), dciodvfy.
+## System packages the tests talk to: Orthanc (the PACS) and its DICOMweb plugin, dcmtk (storescu,
+## dsrdump), dciodvfy, chromium (the dashboard and upload-page tests; Playwright drives
+## /usr/bin/chromium, never its own browser).
 system-deps:
 	@missing=""; \
 	command -v Orthanc  >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
@@ -53,9 +57,13 @@ typecheck: install-test
 test: system-deps install-test lint typecheck
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-## make models: retrain the bundled models from ../shared/data.
+## make models: retrain the bundled models from ../shared/data (about 40 min on 2 cores), into
+## runs/models/; copy <name>.pt, <name>.json and <name>_ood.npz into inference/bundled/ to ship.
+MODELS_OUT ?= runs/models
 models: install-test
-	$(BIN)/python -m inference.train --modality US --out inference/bundled
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/breastcad train --modality US --out $(MODELS_OUT)/us
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/breastcad train --modality SM --out $(MODELS_OUT)/sm
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/breastcad train --modality MG --out $(MODELS_OUT)/mg
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.api_errors import install_api_errors
+from dicom_node.audit import install_api_audit
+from dicom_node.auth import install_api_auth
+from dicom_node.dashboard import dashboard_router
 from dicom_node.db import (
     Delivery,
     DeliveryAttempt,
@@ -34,8 +38,11 @@ from dicom_node.db import (
     StateDB,
     Study,
 )
+from dicom_node.dicomweb import DicomwebService, dicomweb_router
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
+from dicom_node.similar import similar_router
+from dicom_node.upload import upload_router
 from reports.fhir import ReportFacts, diagnostic_report, searchset
 
 FHIR_JSON = "application/fhir+json"
@@ -242,6 +249,10 @@ def _report_facts(result: Result, study: Study | None, base_url: str) -> ReportF
     )
 
 
+# public: the FHIR push (workers.tasks) sends the same report as GET /fhir/DiagnosticReport
+report_facts = _report_facts
+
+
 class StateCollector(Collector):
     """Prometheus metrics computed from the state DB at scrape time (true across processes)."""
 
@@ -369,8 +380,13 @@ def create_api(
         version="0.1.0",
         description="AI analysis of breast images as a DICOM node: studies, results, deliveries.",
     )
+    install_api_auth(app, settings)
+    install_api_errors(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
+    dicomweb = DicomwebService(settings, db)
+    app.include_router(dicomweb_router(dicomweb))
+    app.include_router(upload_router(settings, dicomweb))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -640,4 +656,7 @@ def create_api(
                 ]
             }
 
+    install_api_audit(app, db)
+    app.include_router(similar_router(db))
+    app.include_router(dashboard_router(settings, db))
     return app

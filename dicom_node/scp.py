@@ -7,7 +7,8 @@ A C-STORE is answered 0x0000 only after the instance is durable in the store; se
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -30,6 +31,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.security import GuardedAssociationServer, server_ssl_context
 from dicom_node.settings import Settings
 from dicom_node.store import InstanceKey, InstanceStore, StoreWriteError
 from dicom_node.validation import (
@@ -89,12 +91,18 @@ class StorageSCP:
         settings: Settings,
         store: InstanceStore,
         on_stored: StoredCallback | None = None,
+        extra_handlers: Sequence[tuple[Any, Callable[[Event], None]]] = (),
     ) -> None:
         self.settings = settings
+        # more notification handlers (the audit trail, dicom_node.audit.DicomAudit)
+        self.extra_handlers = list(extra_handlers)
         self.store = store
         self.on_stored = on_stored
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_associations = settings.maximum_associations
+        self.ae.acse_timeout = settings.acse_timeout_seconds
+        self.ae.dimse_timeout = settings.dimse_timeout_seconds
+        self.ae.network_timeout = settings.network_timeout_seconds
         if settings.allowed_calling_aets:
             self.ae.require_calling_aet = list(settings.allowed_calling_aets)
         self.ae.add_supported_context(
@@ -121,17 +129,30 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, _log_association("accepted")),
             (evt.EVT_REJECTED, _log_association("rejected")),
+            *self.extra_handlers,
         ]
-        self._server = self.ae.start_server(
+        # pynetdicom's start_server(block=False), with our server class: IP allow-list and a
+        # TLS handshake per connection thread (dicom_node.security)
+        server = self.ae.make_server(
             (self.settings.dicom_host, self.settings.dicom_port),
-            block=False,
             evt_handlers=handlers,
+            server_class=GuardedAssociationServer,
+            allowed_networks=self.settings.allowed_networks,
+            tls_context=server_ssl_context(self.settings),
+            handshake_timeout=self.settings.acse_timeout_seconds,
         )
+        self.ae._servers.append(server)  # what start_server does; shutdown() removes it
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="DICOM listener", daemon=True).start()
         log.info(
-            "DICOM listener %s on %s:%d",
+            "DICOM listener %s on %s:%d%s%s",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.port,
+            " (TLS)" if self.settings.tls else "",
+            f", allowed networks {', '.join(map(str, self.settings.allowed_networks))}"
+            if self.settings.allowed_networks
+            else "",
         )
 
     def stop(self) -> None:

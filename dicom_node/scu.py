@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.security import client_ssl_context
 from dicom_node.settings import Destination
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,22 @@ def send_files(
         if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             syntaxes.append(ExplicitVRLittleEndian)
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls:
+        try:
+            context = client_ssl_context(
+                destination.tls_ca_certificates,
+                destination.tls_certificate,
+                destination.tls_private_key,
+            )
+        except OSError as exc:
+            raise DeliveryError(
+                f"cannot load the TLS files for {destination.ae_title}: {exc}"
+            ) from exc
+        tls_args = (context, destination.host)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         raise DeliveryError(
             f"association with {destination.ae_title}@{destination.host}:{destination.port} "

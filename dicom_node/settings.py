@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +27,13 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "BREASTCAD_CONFIG"
+
+
+ResultObject = Literal["sr", "sc", "seg"]
+
+
+def _default_objects() -> list[ResultObject]:
+    return ["sr", "sc"]
 
 
 class Destination(BaseModel):
@@ -29,6 +44,39 @@ class Destination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str = Field(min_length=1, max_length=16)
+    # DICOM TLS to this peer: its certificate is checked against tls_ca_certificates (else the
+    # system CAs) and its host name; tls_certificate/tls_private_key are ours to present
+    tls: bool = False
+    tls_ca_certificates: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    # which result objects it receives: the SR, the heatmap SCs, the heatmap Segmentations
+    objects: list[ResultObject] = Field(default_factory=_default_objects, min_length=1)
+
+
+class DicomwebDestination(BaseModel):
+    """A DICOMweb origin server that receives results by STOW-RS (``{dicomweb}/studies``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # the service root, e.g. http://pacs:8042/dicom-web
+    dicomweb: str = Field(pattern=r"^https?://\S+$")
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    # which result objects it receives: the SR, the heatmap SCs, the heatmap Segmentations
+    objects: list[ResultObject] = Field(default_factory=_default_objects, min_length=1)
+
+
+class FhirEndpoint(BaseModel):
+    """A FHIR server that receives every result's DiagnosticReport by HTTP POST."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://\S+$", description="FHIR base URL")
+    bearer_token: str | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    # the node's API as the FHIR server can reach it (the report's links to the SR and
+    # heatmaps); default http://<api_host>:<api_port>
+    node_base_url: str | None = None
 
 
 class RouteCondition(BaseModel):
@@ -82,9 +130,27 @@ class Settings(BaseSettings):
     series_quiet_seconds: float = Field(default=5.0, ge=0)
     allowed_calling_aets: list[str] = Field(default_factory=list)
     maximum_associations: int = Field(default=10, ge=1)
+    # client IP networks (v4 and v6, e.g. 10.1.0.0/16, fd00::/8) allowed to connect to the DICOM
+    # port; a connection from elsewhere is closed before any PDU is read. Empty = any address.
+    allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    # DICOM TLS on the listener (PEM files); a certificate and its key turn TLS on
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    # CA certificates that sign client certificates (and the destinations' certificates)
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = False
+    # pynetdicom's timeouts on the listener: waiting for A-ASSOCIATE-RQ/-RP and A-RELEASE (acse),
+    # for a DIMSE message (dimse), for any data on an idle association (network)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=30.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    # when set, every API route but /health needs `Authorization: Bearer <token>` (or the
+    # breastcad_token cookie set by GET /login?token=...)
+    api_token: SecretStr | None = None
     # decompression-bomb guard: a frame with more pixels than this is refused (0xC003)
     max_frame_pixels: int = Field(default=100_000_000, ge=1)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    # C-STORE peers ({host, port, ae_title}) or STOW-RS servers ({dicomweb: URL})
+    destinations: dict[str, Destination | DicomwebDestination] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=lambda: [])
     # bounded retries for deliveries: attempt n waits delivery_backoff_seconds * 2**(n-1)
     delivery_max_attempts: int = Field(default=5, ge=1)
@@ -99,6 +165,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=1, ge=1)
     torch_threads: int = Field(default=2, ge=1)
     log_level: str = "INFO"
+    # "json": one JSON object per log line (time, level, logger, message, UIDs); "text": plain
+    log_format: Literal["text", "json"] = "text"
     # a result whose suspicion (probability of malignancy) is at least this is flagged priority
     # (API, worklist, SR triage finding); null = never
     priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
@@ -115,9 +183,21 @@ class Settings(BaseSettings):
     us_max_frames: int = Field(default=16, ge=1)
     # further directories of model cards (+ weights), searched before the bundled models
     model_dirs: list[Path] = Field(default_factory=lambda: [])
+    # the upload page's POST /analyse refuses larger files (413)
+    upload_max_bytes: int = Field(default=200_000_000, ge=1)
+    # a STOW-RS request body (held in memory while it is stored) larger than this is refused (413)
+    stow_max_bytes: int = Field(default=1_000_000_000, ge=1)
+    # optional FHIR server receiving each DiagnosticReport (POST, retried like deliveries)
+    fhir_endpoint: FhirEndpoint | None = None
+    # how many similar past cases (nearest embeddings of other studies) the SR lists; 0 = none
+    similar_cases_in_sr: int = Field(default=5, ge=0, le=50)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:
+        reserved = [name for name in self.destinations if name.startswith("@")]
+        if reserved:
+            raise ValueError(f"destination names starting with '@' are reserved (the FHIR "
+                             f"push is '@fhir'): {reserved}")
         for route in self.routes:
             unknown = [name for name in route.send_to if name not in self.destinations]
             if unknown:
@@ -131,6 +211,33 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_modalities(cls, value: list[str]) -> list[str]:
         return [item.strip().upper() for item in value if item.strip()]
+
+    @model_validator(mode="after")
+    def _tls_files_complete(self) -> Settings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key must be given together")
+        if self.tls_require_client_certificate and self.tls_ca_certificates is None:
+            raise ValueError(
+                "tls_require_client_certificate needs tls_ca_certificates (the CA that signs "
+                "the client certificates)"
+            )
+        if self.tls_require_client_certificate and self.tls_certificate is None:
+            raise ValueError("tls_require_client_certificate needs tls_certificate (TLS is off)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the DICOM listener speaks TLS."""
+        return self.tls_certificate is not None
+
+    @field_validator(
+        "api_token", "tls_certificate", "tls_private_key", "tls_ca_certificates", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() == "":
+            return None
+        return value
 
     @field_validator("broker_url", "database_url", mode="before")
     @classmethod

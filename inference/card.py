@@ -75,6 +75,34 @@ class ModelCard:
         return str(self.data.get("test_time_augmentation", "none")).lower() == "hflip"
 
     @property
+    def preprocessing_params(self) -> dict[str, Any]:
+        """channels, breast_crop, wiener_kernel and normalization ("per_image_zscore" or a
+        per-channel {"mean": [...], "std": [...]}); defaults are the first US model's."""
+        params: dict[str, Any] = {
+            "channels": self.in_channels,
+            "breast_crop": False,
+            "wiener_kernel": 0,
+            "pad_to": 0,
+            "normalization": "per_image_zscore",
+        }
+        params.update(dict(self.data.get("preprocessing_params", {})))
+        return params
+
+    @property
+    def ood(self) -> Mapping[str, Any]:
+        """The card's out-of-distribution section (empty when the model has none)."""
+        value = self.data.get("ood")
+        return dict(value) if isinstance(value, Mapping) else {}
+
+    @property
+    def ood_path(self) -> Path | None:
+        """The OOD statistics file named by the card, beside the card file."""
+        name = self.ood.get("file")
+        if not name or self.path is None:
+            return None
+        return self.path.parent / str(name)
+
+    @property
     def architecture_params(self) -> dict[str, Any]:
         return dict(self.data.get("architecture_params", {}))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -12,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.card import ModelCard, sha256_file
+from inference.datasets import pad_to
+from inference.mammo import breast_bbox, chest_wall_on_right
 from inference.networks import build_network
+from inference.ood import MahalanobisScorer
 from inference.prediction import Prediction
 from inference.transforms import normalize_transform, preprocess_transform
 
@@ -35,7 +40,9 @@ class Classifier:
     The heatmap is Grad-CAM of the predicted class on the network's last convolutional stage.
     """
 
-    def __init__(self, card: ModelCard, network: nn.Module) -> None:
+    def __init__(
+        self, card: ModelCard, network: nn.Module, ood_scorer: MahalanobisScorer | None = None
+    ) -> None:
         for method in ("forward_features", "embed", "classify"):
             if not callable(getattr(network, method, None)):
                 raise ValueError(f"network {type(network).__name__} has no {method}()")
@@ -45,8 +52,19 @@ class Classifier:
             parameter.requires_grad_(False)
         self.module = network
         self.network = cast(FeatureNetwork, network)
-        self._preprocess = preprocess_transform(card.input_size)
-        self._normalize = normalize_transform()
+        params = card.preprocessing_params
+        self._breast_crop = bool(params["breast_crop"])
+        self._pad_to = int(params["pad_to"])
+        self._preprocess = preprocess_transform(
+            card.input_size, int(params["channels"]), wiener_kernel=int(params["wiener_kernel"])
+        )
+        normalization = params["normalization"]
+        if isinstance(normalization, dict):
+            self._normalize = normalize_transform(normalization["mean"], normalization["std"])
+        else:
+            self._normalize = normalize_transform()
+        self.ood_scorer = ood_scorer
+        self.ood_threshold = float(card.ood.get("threshold", math.inf))
 
     @classmethod
     def from_card(cls, card: ModelCard, weights: Path | None = None) -> Classifier:
@@ -72,14 +90,31 @@ class Classifier:
             network.load_state_dict(state)
         except RuntimeError as exc:
             raise ValueError(f"weights {weights_path.name} do not fit {card.architecture}") from exc
-        return cls(card, network)
+        scorer = None
+        ood_path = card.ood_path if weights is None else weights.with_name(
+            str(card.ood.get("file", ""))) if card.ood.get("file") else None
+        if ood_path is not None:
+            if not ood_path.is_file():
+                raise ValueError(f"OOD statistics {ood_path} of model {card.name} are missing")
+            expected = str(card.ood.get("sha256", "")).lower()
+            if sha256_file(ood_path) != expected:
+                raise ValueError(
+                    f"OOD statistics {ood_path.name} do not match the card of {card.name}: "
+                    "refusing to load"
+                )
+            scorer = MahalanobisScorer.load(ood_path)
+        return cls(card, network, scorer)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.card.labels
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """Display pixels -> the network's (1, S, S) input tensor."""
+        """Display pixels -> the network's (C, S, S) input tensor."""
+        return self._preprocess_with_geometry(image)[0]
+
+    def _preprocess_with_geometry(self, image: np.ndarray) -> tuple[torch.Tensor, _Geometry]:
+        """The input tensor, and where it came from in ``image`` (for placing the heatmap)."""
         array = np.asarray(image)
         if array.dtype != np.uint8:
             raise ValueError(
@@ -88,8 +123,22 @@ class Classifier:
             )
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
             raise ValueError(f"expected an image of shape (H, W) or (H, W, 3), got {array.shape}")
+        geometry = _Geometry(flipped=False, box=(0, 0, array.shape[0], array.shape[1]))
+        if self._pad_to and min(array.shape[:2]) < self._pad_to:
+            # Edge patches, padded white as in training; the heatmap covers the real part.
+            padded = pad_to(array, self._pad_to)
+            scale_h, scale_w = padded.shape[0], padded.shape[1]
+            tensor = torch.as_tensor(self._normalize(torch.as_tensor(self._preprocess(padded))))
+            geometry = _Geometry(flipped=False, box=(0, 0, scale_h, scale_w))
+            return tensor.as_subclass(torch.Tensor).float(), geometry
+        if self._breast_crop:
+            flipped = chest_wall_on_right(array)
+            oriented = array[:, ::-1] if flipped else array
+            box = breast_bbox(oriented)
+            geometry = _Geometry(flipped=flipped, box=box)
+            array = np.ascontiguousarray(oriented[box[0] : box[2], box[1] : box[3]])
         tensor = torch.as_tensor(self._normalize(torch.as_tensor(self._preprocess(array))))
-        return tensor.as_subclass(torch.Tensor).float()
+        return tensor.as_subclass(torch.Tensor).float(), geometry
 
     def predict(self, image: np.ndarray) -> Prediction:
         """Classify one uint8 image of shape (H, W) or (H, W, 3)."""
@@ -101,11 +150,19 @@ class Classifier:
         predictions: list[Prediction] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
-            inputs = torch.stack([self.preprocess(image) for image in chunk])
+            prepared = [self._preprocess_with_geometry(image) for image in chunk]
+            inputs = torch.stack([tensor for tensor, _ in prepared])
             probabilities, embeddings, cams = self._forward(inputs)
+            scores = (
+                self.ood_scorer.score(embeddings) if self.ood_scorer is not None
+                else [None] * len(chunk)
+            )
             for index, image in enumerate(chunk):
                 predictions.append(
-                    self._prediction(probabilities[index], embeddings[index], cams[index], image)
+                    self._prediction(
+                        probabilities[index], embeddings[index], cams[index], image,
+                        prepared[index][1], scores[index],
+                    )
                 )
         return predictions
 
@@ -144,15 +201,31 @@ class Classifier:
         )
 
     def _prediction(
-        self, probabilities: np.ndarray, embedding: np.ndarray, cam: torch.Tensor, image: np.ndarray
+        self,
+        probabilities: np.ndarray,
+        embedding: np.ndarray,
+        cam: torch.Tensor,
+        image: np.ndarray,
+        geometry: _Geometry,
+        ood_score: float | None,
     ) -> Prediction:
         height, width = int(image.shape[0]), int(image.shape[1])
-        heatmap = F.interpolate(
-            cam[None, None], size=(height, width), mode="bilinear", align_corners=False
-        )[0, 0]
-        heatmap_array = np.clip(heatmap.numpy(), 0.0, 1.0).astype(np.float32)
+        top, left, bottom, right = geometry.box
+        region = F.interpolate(
+            cam[None, None], size=(bottom - top, right - left), mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
+        canvas = np.zeros((max(height, bottom), max(width, right)), dtype=np.float32)
+        canvas[top:bottom, left:right] = np.clip(region, 0.0, 1.0)
+        heatmap_array = np.ascontiguousarray(canvas[:height, :width])
+        if geometry.flipped:
+            heatmap_array = np.ascontiguousarray(heatmap_array[:, ::-1])
         label_index = int(np.argmax(probabilities))
         label = self.labels[label_index]
+        pixels = np.asarray(image)
+        no_contrast = int(pixels.max()) - int(pixels.min()) < 4
+        score = None if ood_score is None else float(ood_score)
+        not_assessable = no_contrast or (score is not None and score > self.ood_threshold)
         return Prediction(
             modality=self.card.modality,
             label=label,
@@ -165,5 +238,16 @@ class Classifier:
             model_sha256=self.card.sha256,
             heatmap=heatmap_array,
             embedding=np.ascontiguousarray(embedding, dtype=np.float32),
+            ood_score=score,
+            not_assessable=not_assessable,
             extra={"heatmap": f"Grad-CAM of '{label}' on the last convolutional stage"},
         )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the network's input came from: flipped left-right, then cropped to ``box``
+    (top, left, bottom, right) of the flipped image."""
+
+    flipped: bool
+    box: tuple[int, int, int, int]

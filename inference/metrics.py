@@ -69,3 +69,86 @@ def classification_metrics(
                 roc_auc_score(abnormal, 1.0 - probabilities[:, normal])
             )
     return result
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, targets: np.ndarray, bins: int = 10
+) -> float:
+    """ECE of the top-label confidence: sum over equal-width confidence bins of
+    |accuracy - mean confidence| weighted by the bin's share of samples."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            total += float(inside.mean()) * abs(float(correct[inside].mean())
+                                                - float(confidence[inside].mean()))
+    return total
+
+
+def evaluation_metrics(
+    probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str]
+) -> dict[str, Any]:
+    """The metrics `breastcad evaluate --json` prints, from class probabilities and targets.
+
+    Binary (two labels): precision, recall, F1, specificity and Jaccard (IoU) of the positive
+    class, which is the second label (``idc``); AUC of its probability. Multi-class: macro
+    precision, recall, F1 and Jaccard, macro one-vs-rest AUC, and ``auc_abnormal`` (normal vs the
+    rest, from 1 - p(normal)) when ``normal`` is a label. ``per_class`` holds each label's
+    precision, recall, F1, support and one-vs-rest AUC; ``confusion_matrix`` rows are the true
+    label, columns the prediction, both in ``labels`` order.
+    """
+    from sklearn.metrics import jaccard_score, precision_recall_fscore_support
+
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    predicted = probabilities.argmax(axis=1)
+    indices = list(range(len(labels)))
+    binary = len(labels) == 2
+    average = "binary" if binary else "macro"
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        targets, predicted, labels=indices if not binary else None, pos_label=1,
+        average=average, zero_division=0,
+    )
+    p_c, r_c, f_c, support = precision_recall_fscore_support(
+        targets, predicted, labels=indices, average=None, zero_division=0
+    )
+    base = classification_metrics(probabilities, targets, labels)
+    per_class = {
+        label: {
+            "precision": float(p_c[i]),
+            "recall": float(r_c[i]),
+            "f1": float(f_c[i]),
+            "support": int(support[i]),
+            "auc_ovr": base["auc_per_class_ovr"][label],
+        }
+        for i, label in enumerate(labels)
+    }
+    result: dict[str, Any] = {
+        "n": int(len(targets)),
+        "labels": list(labels),
+        "accuracy": base["accuracy"],
+        "balanced_accuracy": base["balanced_accuracy"],
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "jaccard": float(
+            jaccard_score(targets, predicted, labels=indices if not binary else None,
+                          pos_label=1, average=average, zero_division=0)
+        ),
+        "auc": base["auc_per_class_ovr"][labels[1]] if binary else base["macro_auc_ovr"],
+        "ece": expected_calibration_error(probabilities, targets),
+        "nll": base["nll"],
+        "per_class": per_class,
+        "confusion_matrix": base["confusion_matrix"],
+    }
+    if binary:
+        negatives = targets == 0
+        result["specificity"] = (
+            float((predicted[negatives] == 0).mean()) if negatives.any() else None
+        )
+    else:
+        result["auc_abnormal"] = base.get("auc_normal_vs_abnormal")
+    return result

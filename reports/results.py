@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset
 
 from inference.prediction import Prediction
 from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
-from reports.sr import FindingGroup, build_sr
+from reports.seg import build_heatmap_seg, seg_unsupported
+from reports.sr import FindingGroup, SimilarCase, build_sr
 from reports.uids import derive_uid, source_set
 
 SR_SERIES_NUMBER_OFFSET = 7000
 SC_SERIES_NUMBER_OFFSET = 8000
+SEG_SERIES_NUMBER_OFFSET = 9000
 _MAX_IS = 2**31 - 1
 _MAX_LO = 64
 
@@ -27,6 +30,8 @@ class ResultObjects:
 
     sr: Dataset
     heatmaps: list[Dataset]
+    # heatmap Segmentations (FRACTIONAL), one per source image, when asked for (with_seg)
+    segmentations: list[Dataset] = field(default_factory=list)
 
 
 def _result_series_number(source: Dataset, offset: int) -> int:
@@ -112,6 +117,17 @@ def _check_inputs(
                                  f"its source is {expected[0]}x{expected[1]} (Rows x Columns)")
 
 
+def _at_source_size(prediction: Prediction, source: Dataset) -> Prediction:
+    """``prediction`` with its heatmap resampled (bilinear) to the source's Rows x Columns (a
+    mammogram analysed scaled down)."""
+    rows, columns = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    if prediction.heatmap.shape == (rows, columns) or rows <= 0 or columns <= 0:
+        return prediction
+    image = Image.fromarray(np.asarray(prediction.heatmap, dtype=np.float32), mode="F")
+    full = np.asarray(image.resize((columns, rows), Image.Resampling.BILINEAR), np.float32)
+    return replace(prediction, heatmap=np.clip(full, 0.0, 1.0).astype(np.float32))
+
+
 def _scaled_down(shape: tuple[int, int], full: tuple[int, int]) -> bool:
     """Whether ``shape`` is ``full`` scaled down, its aspect ratio kept (to rounding)."""
     if not (0 < shape[0] <= full[0] and 0 < shape[1] <= full[1]):
@@ -144,6 +160,8 @@ def build_results(
     predecessor: Dataset | None = None,
     groups: Sequence[FindingGroup] | None = None,
     frame_numbers: Sequence[int | None] | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
+    with_seg: bool = False,
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
@@ -165,6 +183,9 @@ def build_results(
     without a tracking UID gets one derived like the others (role ``sr-tracking-<n>-<side>``).
     ``frame_numbers[i]`` (1-based) is the frame of a multi-frame ``sources[i]`` that
     ``images[i]`` shows: the SR's image references and the SC's Source Image Sequence name it.
+    ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
+    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image that can have one
+    (not slides, not multi-frame images: :func:`reports.seg.seg_unsupported`).
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -223,6 +244,7 @@ def build_results(
         predecessor=predecessor,
         groups=groups,
         frame_numbers=frame_numbers,
+        similar_cases=similar_cases,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)
@@ -246,4 +268,21 @@ def build_results(
             # the SC shows this frame of its multi-frame source
             sc.SourceImageSequence[0].ReferencedFrameNumber = int(number)
         heatmaps.append(sc)
-    return ResultObjects(sr=sr, heatmaps=heatmaps)
+    segmentations: list[Dataset] = []
+    if with_seg:
+        seg_series_uid = uid("seg-series")
+        seg_series_number = _result_series_number(first, SEG_SERIES_NUMBER_OFFSET)
+        for index, (source, prediction) in enumerate(zip(sources, predictions, strict=True)):
+            if seg_unsupported(source) is not None:
+                continue  # a slide, a multi-frame image: the SR and SC carry the result
+            segmentations.append(build_heatmap_seg(
+                source,
+                _at_source_size(prediction, source),
+                series_instance_uid=seg_series_uid,
+                series_number=seg_series_number,
+                sop_instance_uid=uid(f"seg-instance-{source.SOPInstanceUID}"),
+                instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
+                manufacturer=manufacturer,
+                software_version=software_version,
+            ))
+    return ResultObjects(sr=sr, heatmaps=heatmaps, segmentations=segmentations)

@@ -20,6 +20,46 @@ _PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "X
 _CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})
 
 
+@dataclass(frozen=True)
+class SimilarCase:
+    """A past case whose images look like this one's to the model (embedding retrieval)."""
+
+    study_instance_uid: str
+    label: str
+    distance: float
+
+
+def similar_case_items(cases: Sequence[SimilarCase]) -> list[hd.sr.ContainerContentItem]:
+    """One CONTAINER "Similar case" (99BCAD) per case: its Study Instance UID (DCM 110180), its
+    finding (99BCAD SIMFINDING = the coded class) and the cosine distance (99BCAD COSDIST,
+    UCUM "1")."""
+    items = []
+    for case in cases:
+        container = hd.sr.ContainerContentItem(
+            name=codes.SIMILAR_CASE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        container.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.UIDRefContentItem(
+                name=codes.STUDY_INSTANCE_UID,
+                value=case.study_instance_uid,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.CodeContentItem(
+                name=codes.SIMILAR_CASE_FINDING,
+                value=codes.class_concepts(case.label).finding,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.NumContentItem(
+                name=codes.COSINE_DISTANCE,
+                value=float(case.distance),
+                unit=codes.NO_UNITS,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        ])
+        items.append(container)
+    return items
+
+
 def _library_entry_ok(view: Dataset) -> bool:
     """Whether highdicom's TID 1601 image library entry can describe this image.
 
@@ -118,6 +158,7 @@ def build_sr(
     predecessor: Dataset | None = None,
     groups: Sequence[FindingGroup] | None = None,
     frame_numbers: Sequence[int | None] | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR with one TID 1501 measurement group for ``series_prediction``, or
     one per item of ``groups`` (e.g. one per breast of a mammography series).
@@ -135,6 +176,10 @@ def build_sr(
     written into every group). ``frame_numbers[i]`` (1-based, or None) is the frame of
     ``sources[i]`` that the finding refers to (the most suspicious frame of a multi-frame
     image): it is the Referenced Frame Number of that source image in the groups.
+
+    ``similar_cases`` (nearest past cases of other studies) are listed in the measurement group of
+    ``series_prediction`` (the first group if none is),
+    one "Similar case" container each (:func:`similar_case_items`).
     """
     if frame_numbers is not None and len(frame_numbers) != len(sources):
         raise ValueError(f"{len(frame_numbers)} frame numbers for {len(sources)} sources")
@@ -194,6 +239,10 @@ def build_sr(
         )
         for group in groups
     ]
+    if similar_cases:
+        # after the TID 1501 rows: each similar case's study, finding and distance
+        target = next((n for n, g in enumerate(groups) if g.prediction is series_prediction), 0)
+        measurement_groups[target][0].ContentSequence.extend(similar_case_items(similar_cases))
     library = [view for view in views if _library_entry_ok(view)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

@@ -13,16 +13,20 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from dicom_node import similar
+from dicom_node.api import report_facts
 from dicom_node.db import (
+    CaseEmbedding,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -32,11 +36,14 @@ from dicom_node.db import (
     Result,
     Series,
     StateDB,
+    Study,
     changed_rows,
     utcnow,
 )
+from dicom_node.fhir_push import FHIR_DESTINATION, FhirPushError, push_report
 from dicom_node.scu import DeliveryError, send_files
-from dicom_node.settings import Settings
+from dicom_node.settings import DicomwebDestination, Settings
+from dicom_node.stow_client import stow_files
 from inference import (
     Classifier,
     ModelNotAvailableError,
@@ -46,6 +53,8 @@ from inference import (
 )
 from inference.dicom_pixels import image_laterality
 from reports import build_results, overlay_png
+from reports.fhir import diagnostic_report
+from reports.sr import SimilarCase
 from reports.triage import is_priority, suspicion
 from workers import mammo, ultrasound
 from workers.analysis import (
@@ -334,6 +343,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         {str(ds.SOPInstanceUID) for ds in datasets},
         series_prediction,
     )
+    similar_cases = _similar_cases(ctx, datasets[0], predictions)
     objects = build_results(
         datasets,
         images,
@@ -344,6 +354,8 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         predecessor=predecessor[1] if predecessor is not None else None,
         groups=analysis.groups,
         frame_numbers=frame_numbers if any(n is not None for n in frame_numbers) else None,
+        similar_cases=similar_cases,
+        with_seg=_wants_seg(ctx, modality),
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder
@@ -361,6 +373,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         (ctx.settings.results_dir / png_name).write_bytes(overlay_png(image, prediction))
         sc_names.append(str(sc_name))
         png_names.append(str(png_name))
+    seg_names = _save_segmentations(ctx, folder, objects.segmentations)
 
     facts = ResultFacts(
         modality=modality,
@@ -395,6 +408,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                 # the analysed instances, relative to the instance store (forward_source)
                 "sources": source_paths,
                 "sc": sc_names,
+                "seg": seg_names,
                 "png": png_names,
                 "per_image": [
                     {
@@ -412,6 +426,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         )
         session.add(result)
         session.flush()
+        session.add_all(_embedding_rows(result, datasets, predictions))
         deliveries = [
             Delivery(
                 result_id=result.id,
@@ -423,6 +438,8 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             )
             for name in decision.destinations
         ]
+        if ctx.settings.fhir_endpoint is not None:
+            deliveries.append(_fhir_delivery(result.id, now))
         session.add_all(deliveries)
         session.flush()
         session.execute(
@@ -431,6 +448,109 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             .values(state=JobState.DONE, reason=None, finished_at=now)
         )
         return result.id, [d.id for d in deliveries]
+
+
+def _fhir_delivery(result_id: int, now: datetime) -> Delivery:
+    """The delivery row of the FHIR push of a result (retried like a DICOM delivery)."""
+    return Delivery(
+        result_id=result_id,
+        destination=FHIR_DESTINATION,
+        forward_source=False,
+        state=DeliveryState.PENDING,
+        next_attempt_at=now,
+        dispatched_at=now,
+    )
+
+
+def _push_fhir(ctx: WorkerContext, result: Result) -> str | None:
+    """POST the result's DiagnosticReport to the FHIR endpoint; the error, or None."""
+    endpoint = ctx.settings.fhir_endpoint
+    if endpoint is None:
+        return "the FHIR endpoint is no longer configured"
+    with ctx.db.session() as session:
+        study = session.get(Study, result.study_instance_uid)
+    base = endpoint.node_base_url or f"http://{ctx.settings.api_host}:{ctx.settings.api_port}"
+    report = diagnostic_report(report_facts(result, study, base.rstrip("/")))
+    try:
+        location = push_report(endpoint, report)
+    except FhirPushError as exc:
+        return str(exc)
+    log.info("result %d: DiagnosticReport pushed to the FHIR server (%s)", result.id,
+             location or "no Location")
+    return None
+
+
+def _wants_seg(ctx: WorkerContext, modality: str) -> bool:
+    """Build heatmap Segmentations when a destination takes them (not for slides)."""
+    return modality != "SM" and any(
+        "seg" in destination.objects for destination in ctx.settings.destinations.values()
+    )
+
+
+def _save_segmentations(
+    ctx: WorkerContext, folder: Path, segmentations: Sequence[Dataset]
+) -> list[str]:
+    names: list[str] = []
+    for index, seg in enumerate(segmentations, start=1):
+        name = folder / f"seg-{index}.dcm"
+        seg.save_as(ctx.settings.results_dir / name, enforce_file_format=True)
+        names.append(str(name))
+    return names
+
+
+def _result_files(ctx: WorkerContext, result: Result, objects: Sequence[str]) -> list[Path]:
+    """The result's files of the kinds a destination takes (SR first, then SCs, then SEGs)."""
+    names: list[str] = []
+    if "sr" in objects:
+        names.append(result.files["sr"])
+    if "sc" in objects:
+        names += result.files["sc"]
+    if "seg" in objects:
+        if not result.files.get("seg"):
+            log.warning("result %d has no heatmap SEG (made before a destination asked for "
+                        "one, or a slide); sending the rest", result.id)
+        names += result.files.get("seg", [])
+    return [ctx.settings.results_dir / name for name in names]
+
+
+def _similar_cases(
+    ctx: WorkerContext, first: Dataset, predictions: Sequence[Prediction]
+) -> list[SimilarCase]:
+    """The nearest past cases of other studies (same model) that the SR lists."""
+    if ctx.settings.similar_cases_in_sr == 0:
+        return []
+    try:
+        query = similar.query_vector(p.embedding for p in predictions)
+    except ValueError as exc:
+        log.warning("no similar cases for series %s: %s", first.SeriesInstanceUID, exc)
+        return []
+    key = similar.model_key(predictions[0].model_name, predictions[0].model_sha256)
+    found = similar.nearest(
+        ctx.db, query, key, k=ctx.settings.similar_cases_in_sr,
+        exclude_study=str(first.StudyInstanceUID),
+    )
+    return [SimilarCase(n.study_instance_uid, n.label, n.distance) for n in found]
+
+
+def _embedding_rows(
+    result: Result, datasets: Sequence[Dataset], predictions: Sequence[Prediction]
+) -> list[CaseEmbedding]:
+    """The analysed images' embeddings for the similar-case index (images with a usable one)."""
+    images = [
+        (index, str(ds.SOPInstanceUID), p.label, p.embedding)
+        for index, (ds, p) in enumerate(zip(datasets, predictions, strict=True), start=1)
+    ]
+    usable = [image for image in images if np.all(np.isfinite(image[3])) and np.any(image[3])]
+    if len(usable) != len(images):
+        log.warning("result %d: %d image(s) without a usable embedding are not indexed",
+                    result.id, len(images) - len(usable))
+    return similar.embedding_rows(
+        result_id=result.id,
+        study_instance_uid=result.study_instance_uid,
+        series_instance_uid=result.series_instance_uid,
+        images=usable,
+        key=similar.model_key(result.model_name, result.model_sha256),
+    )
 
 
 # -- delivery -------------------------------------------------------------------------------
@@ -457,18 +577,28 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
     assert result is not None
     destination = ctx.settings.destinations.get(delivery.destination)
     error: str | None = None
-    if destination is None:
+    gone = False  # the destination is no longer configured: no retry can help
+    if delivery.destination == FHIR_DESTINATION:
+        gone = ctx.settings.fhir_endpoint is None
+        error = _push_fhir(ctx, result)
+    elif destination is None:
+        gone = True
         error = f"destination {delivery.destination!r} is no longer configured"
     else:
         files: list[Path] = []
         if delivery.forward_source:
             # the sources first, so a PACS holds the images before the results that refer to them
             files += [ctx.settings.store_dir / name for name in result.files.get("sources", [])]
-        files += [ctx.settings.results_dir / result.files["sr"]] + [
-            ctx.settings.results_dir / name for name in result.files["sc"]
-        ]
+        files += _result_files(ctx, result, destination.objects)
+        if not files:
+            error = (f"result {result.id} has none of the objects {delivery.destination!r} "
+                     f"takes ({', '.join(destination.objects)})")
         try:
-            send_files(destination, files, calling_ae=ctx.settings.ae_title)
+            if error is None:
+                if isinstance(destination, DicomwebDestination):
+                    stow_files(destination, files)
+                else:
+                    send_files(destination, files, calling_ae=ctx.settings.ae_title)
         except (DeliveryError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     finished = utcnow()
@@ -484,7 +614,7 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
         current.last_error = error
         if error is None:
             current.state = DeliveryState.DONE
-        elif destination is None or current.attempts >= ctx.settings.delivery_max_attempts:
+        elif gone or current.attempts >= ctx.settings.delivery_max_attempts:
             current.state = DeliveryState.FAILED
             log.error(
                 "delivery %d to %s failed for good: %s", delivery_id, current.destination, error

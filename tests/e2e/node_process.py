@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Any, Self
 
 import httpx
 import yaml
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,7 +131,8 @@ class Node:
             if not self.server.alive():
                 raise RuntimeError(f"breastcad serve exited:\n{self.server.log_tail()}")
             try:
-                if self.client.get("/health").status_code == 200 and _port_open(self.dicom_port):
+                healthy = self.client.get("/health").status_code == 200
+                if healthy and _dicom_answers(self.dicom_port, str(self.config["ae_title"])):
                     return
             except httpx.HTTPError:
                 pass
@@ -170,10 +172,24 @@ class Node:
         self.stop()
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def _dicom_answers(port: int, called_aet: str) -> bool:
+    """The listener answers an association (C-ECHO; a rejection is an answer too).
+
+    Not a bare TCP connect: that would hold one of the node's ``maximum_associations`` slots
+    until the node's ACSE timeout ends it.
+    """
+    ae = AE(ae_title="READYPROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 5
+    ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    if assoc.is_established:
+        try:
+            assoc.send_c_echo()
+        finally:
+            assoc.release()
+        return True
+    return bool(assoc.is_rejected)
 
 
 def run_predict(files: list[Path], out: Path) -> list[dict[str, Any]]:

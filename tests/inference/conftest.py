@@ -30,3 +30,15 @@ def busi_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def dicom_samples(shared_data: Path) -> Path:
     return _require(shared_data / "dicom-samples", "DICOM sample folder")
+
+
+@pytest.fixture(scope="session")
+def idc_dir(shared_data: Path) -> Path:
+    return _require(
+        shared_data / "idc-breast-histopathology" / "labels.csv", "IDC patches labels.csv"
+    ).parent
+
+
+@pytest.fixture(scope="session")
+def mias_dir(shared_data: Path) -> Path:
+    return _require(shared_data / "mini-mias" / "labels.csv", "mini-MIAS labels.csv").parent

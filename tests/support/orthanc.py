@@ -31,6 +31,8 @@ import pytest
 from support.ports import free_port
 
 ORTHANC_ENV_VAR = "ORTHANC_BIN"
+#: Debian's orthanc-dicomweb plugin (``apt-get install orthanc-dicomweb``)
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 _EXTRA_SEARCH_PATH = "/usr/sbin:/usr/local/sbin:/usr/bin:/usr/local/bin"
 
 SimplifiedTags = dict[str, Any]
@@ -43,6 +45,17 @@ def orthanc_executable() -> str | None:
         return configured if os.access(configured, os.X_OK) else None
     search = os.environ.get("PATH", "") + os.pathsep + _EXTRA_SEARCH_PATH
     return shutil.which("Orthanc", path=search)
+
+
+def require_dicomweb_plugin() -> str:
+    """The Orthanc DICOMweb plugin; ``pytest.skip`` with the reason when it is not installed."""
+    require_orthanc()
+    if not os.path.exists(DICOMWEB_PLUGIN):
+        pytest.skip(
+            f"Orthanc's DICOMweb plugin is not installed ({DICOMWEB_PLUGIN}; "
+            "apt-get install -y orthanc-dicomweb)"
+        )
+    return DICOMWEB_PLUGIN
 
 
 def require_orthanc() -> str:
@@ -92,6 +105,7 @@ class OrthancServer:
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         executable: str | None = None,
+        dicomweb: bool = False,
     ) -> None:
         if not aet or len(aet) > 16:
             raise ValueError(f"AE title must be 1-16 characters, got {aet!r}")
@@ -102,6 +116,7 @@ class OrthancServer:
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._executable = executable
+        self._dicomweb = dicomweb
         self._workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._client: httpx.Client | None = None
@@ -128,6 +143,11 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (only with ``dicomweb=True``)."""
+        return f"{self.url}/dicom-web"
 
     @property
     def running(self) -> bool:
@@ -160,6 +180,9 @@ class OrthancServer:
             "DicomScuTimeout": 30,
             "DicomScpTimeout": 30,
         }
+        if self._dicomweb:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         config.update(self._extra_config)
         return config
 

@@ -1,0 +1,75 @@
+"""``breastcad train`` and ``breastcad evaluate``: the model side of the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModalityOption = Annotated[str, typer.Option(help="US, MG or SM.")]
+
+
+def train_command(
+    modality: ModalityOption,
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture (e.g. se-resnet-bilstm, effnetv2-gru, "
+                                      "mobilenetv2, cnn-rnn-ensemble, monai-resnet, plain-cnn).")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Data set folder (default: shared)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder for weights, card and figures.")] = Path(
+        "runs/latest"
+    ),
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-time budget.")] = None,
+    wiener: Annotated[int, typer.Option(help="Wiener filter kernel (0 = off).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split and training.")] = 0,
+) -> None:
+    """Train a model from scratch on the CPU (progress bar; early stopping on validation)."""
+    from inference.train import summary_line, train
+
+    try:
+        card_path = train(
+            modality, data, out, architecture=arch, epochs=epochs, max_minutes=max_minutes,
+            wiener_kernel=wiener, seed=seed,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(summary_line(card_path))
+
+
+def evaluate_command(
+    modality: ModalityOption,
+    data: Annotated[Path, typer.Option(help="Folder with one sub-folder per label.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model card JSON or run folder (default: bundled).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Evaluate a model on a folder of labelled images (PNG, JPEG, TIFF or DICOM)."""
+    from tqdm import tqdm
+
+    from inference import ModelNotAvailableError
+    from inference.evaluate import EvaluationError, evaluate_folder
+
+    bar = tqdm(desc="evaluate", unit="img", disable=json_out)
+    try:
+        result = evaluate_folder(modality, data, model, progress=bar.update)
+    except (EvaluationError, ModelNotAvailableError, ValueError) as exc:
+        bar.close()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    bar.close()
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"model {result['model']['name']} {result['model']['version']}, n = {result['n']}")
+    for key in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "specificity",
+                "jaccard", "auc", "auc_abnormal", "ece"):
+        value = result.get(key)
+        if value is not None:
+            typer.echo(f"  {key:18s} {value:.4f}")
+    typer.echo(f"  not assessable     {result['not_assessable']}")
+    typer.echo("  confusion matrix (rows = truth): " + json.dumps(result["confusion_matrix"]))

@@ -1,0 +1,113 @@
+"""Evaluate a classifier on a folder of labelled images: ``breastcad evaluate``.
+
+The folder holds one sub-folder per label, named exactly as the model card's labels (US and MG:
+``normal``, ``benign``, ``malignant``; histopathology patches: ``non_idc``, ``idc``), with PNG,
+JPEG, TIFF or DICOM files inside. Without a model path the bundled model of the modality is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.bundled import load_bundled
+from inference.card import ModelCard
+from inference.classifier import Classifier
+from inference.dicom_pixels import image_from_file
+from inference.metrics import evaluation_metrics
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+
+
+class EvaluationError(ValueError):
+    """The folder or the model cannot be evaluated (the message says why)."""
+
+
+def load_model(modality: str, model: Path | None) -> Classifier:
+    """The bundled model of ``modality``, or the card at ``model`` (a card JSON, or a folder
+    holding exactly one card); EvaluationError when it is not of that modality."""
+    if model is None:
+        return load_bundled(modality)
+    card_path = model
+    if model.is_dir():
+        cards = sorted(p for p in model.glob("*.json") if not p.name.endswith("_history.json"))
+        if len(cards) != 1:
+            raise EvaluationError(f"{model} must hold exactly one model card, found {len(cards)}")
+        card_path = cards[0]
+    if not card_path.is_file():
+        raise EvaluationError(f"no model card at {card_path}")
+    card = ModelCard.from_file(card_path)
+    if card.modality != modality.strip().upper():
+        raise EvaluationError(f"model {card.name} is for {card.modality}, not {modality}")
+    return Classifier.from_card(card)
+
+
+def labelled_files(data_dir: Path, labels: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(file, label) for every image file under ``data_dir/<label>/``, sorted.
+
+    EvaluationError for a sub-folder whose name is not one of ``labels``, or an empty folder.
+    """
+    if not data_dir.is_dir():
+        raise EvaluationError(f"{data_dir} is not a folder")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in folders if p.name not in labels]
+    if unknown:
+        raise EvaluationError(
+            f"unknown label folder(s) {', '.join(repr(u) for u in unknown)} in {data_dir}; "
+            f"the model's labels are {', '.join(labels)}"
+        )
+    files: list[tuple[Path, str]] = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix):
+                files.append((path, folder.name))
+    if not files:
+        raise EvaluationError(
+            f"no images in {data_dir}: expected sub-folders named {', '.join(labels)}"
+        )
+    return files
+
+
+def evaluate_folder(
+    modality: str,
+    data_dir: Path,
+    model: Path | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, Any]:
+    """Classify every image of ``data_dir`` and return the metrics (``evaluation_metrics``)
+    plus the model's name/version/sha256, the number flagged not assessable and images/s."""
+    classifier = load_model(modality, model)
+    labels = classifier.labels
+    files = labelled_files(data_dir, labels)
+    probabilities: list[list[float]] = []
+    not_assessable = 0
+    started = time.perf_counter()
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images = []
+        for path, _ in chunk:
+            try:
+                images.append(image_from_file(path))
+            except ValueError as exc:
+                raise EvaluationError(f"cannot read {path}: {exc}") from exc
+        for prediction in classifier.predict_batch(images, batch_size=batch_size):
+            probabilities.append([prediction.probabilities[label] for label in labels])
+            not_assessable += int(prediction.not_assessable)
+        if progress is not None:
+            progress(len(chunk))
+    seconds = time.perf_counter() - started
+    targets = np.array([labels.index(label) for _, label in files])
+    result = evaluation_metrics(np.asarray(probabilities), targets, labels)
+    result["model"] = {
+        "name": classifier.card.name,
+        "version": classifier.card.version,
+        "sha256": classifier.card.sha256,
+    }
+    result["not_assessable"] = not_assessable
+    result["images_per_second"] = len(files) / seconds if seconds > 0 else None
+    return result

@@ -1,0 +1,250 @@
+"""The upload page and POST /analyse on a real node (``breastcad serve`` subprocess).
+
+The browser test drives Debian's chromium (headless, through Playwright's Python package with
+``executable_path``; no browser is downloaded) and skips when chromium is absent. It uploads a
+BUSI PNG (analysed, not stored) and a DICOM sample (stored, analysed by the pipeline), waits for
+both results, checks the label and the heatmap are shown, and keeps a screenshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_process import Node
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+UPLOAD_LIMIT = 3_000_000
+US_SAMPLE = "dicom-samples/US/US1_UNCR.dcm"
+
+
+@pytest.fixture(scope="module")
+def upload_node(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[Node]:
+    node = Node(
+        tmp_path_factory.mktemp("upload-node"),
+        pacs_port=1,
+        extra={"destinations": {}, "routes": [], "upload_max_bytes": UPLOAD_LIMIT},
+    )
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def _busi(shared_data: Path, label: str = "malignant") -> Path:
+    return sorted((shared_data / "busi" / label).glob("*.png"))[0]
+
+
+def test_analyse_plain_image_is_not_stored(upload_node: Node, shared_data: Path) -> None:
+    png = _busi(shared_data)
+    answer = upload_node.client.post(
+        "/analyse",
+        files={"file": (png.name, png.read_bytes(), "image/png")},
+        data={"modality": "US"},
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["kind"] == "image" and body["stored"] is False
+    assert "without storing" in body["message"]
+    assert body["label"] in body["probabilities"]
+    assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
+    assert body["probability"] == body["probabilities"][body["label"]]
+    assert isinstance(body["not_assessable"], bool)
+    heatmap = base64.b64decode(body["heatmap"].removeprefix("data:image/png;base64,"))
+    with Image.open(io.BytesIO(heatmap)) as image, Image.open(png) as source:
+        assert image.format == "PNG" and image.size[0] >= source.size[0]
+    # the same bytes give the same finding (no state), and nothing was stored
+    again = upload_node.client.post(
+        "/analyse",
+        files={"file": (png.name, png.read_bytes(), "image/png")},
+        data={"modality": "US"},
+    ).json()
+    assert again["probabilities"] == body["probabilities"]
+    assert upload_node.client.get("/studies").json()["items"] == []
+    assert not list((upload_node.workdir / "var" / "instances").rglob("*.dcm"))
+
+
+def test_analyse_refuses_clearly(upload_node: Node, shared_data: Path, tmp_path: Path) -> None:
+    png = _busi(shared_data, "benign").read_bytes()
+
+    def post(name: str, data: bytes, modality: str | None = "US") -> tuple[int, str]:
+        fields = {"modality": modality} if modality is not None else {}
+        response = upload_node.client.post(
+            "/analyse", files={"file": (name, data, "application/octet-stream")}, data=fields
+        )
+        return response.status_code, str(response.json()["detail"])
+
+    status, detail = post("big.png", b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 1000))
+    assert status == 413 and "upload limit" in detail and f"{UPLOAD_LIMIT:,}" in detail
+    status, detail = post("notes.txt", b"these are not pixels")
+    assert status == 415 and "notes.txt" in detail
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    status, detail = post("anim.gif", gif.getvalue())
+    assert status == 415 and "GIF" in detail
+    status, detail = post("image.png", png, modality=None)
+    assert status == 422 and "modality" in detail
+    status, detail = post("image.png", png, modality="CT")
+    assert status == 422 and "CT" in detail
+    status, detail = post("image.png", png, modality="MG")
+    if status != 200:  # no bundled mammography model yet: said, not a stack trace
+        assert status == 422 and "MG" in detail
+    status, detail = post("empty.png", b"")
+    assert status == 422 and "empty" in detail
+    broken = bytearray(128) + b"DICM" + b"\x02\x00\x10\x00UI\x04\x00" + b"1.2\0"
+    status, detail = post("broken.dcm", bytes(broken))
+    assert status == 422 and "not stored" in detail
+    no_file = upload_node.client.post("/analyse", data={"modality": "US"})
+    assert no_file.status_code in (400, 422)
+    assert upload_node.client.get("/studies").json()["items"] == []
+
+
+def _playwright() -> Any:
+    if shutil.which("chromium") is None and not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    return pytest.importorskip("playwright.sync_api")
+
+
+def test_upload_page_in_chromium(upload_node: Node, shared_data: Path, tmp_path: Path) -> None:
+    sync_api = _playwright()
+    png = _busi(shared_data)
+    dicom = shared_data / US_SAMPLE
+    if not dicom.exists():
+        pytest.skip(f"{dicom} is missing from the shared data")
+    screenshot = tmp_path / "upload-page.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{upload_node.url}/upload")
+            assert page.title().startswith("breastcad")
+            page.select_option("#modality", "US")
+            page.set_input_files("#file-input", [str(png), str(dicom)])
+            cards = page.locator("article.card")
+            sync_api.expect(cards).to_have_count(2)
+            done = page.locator('article.card[data-state="done"]')
+            sync_api.expect(done).to_have_count(2, timeout=240_000)
+            by_name = {}
+            for index in range(2):
+                card = cards.nth(index)
+                by_name[card.locator(".file-name").inner_text()] = card
+            for name in (png.name, dicom.name):
+                card = by_name[name]
+                label = card.locator(".label").inner_text().strip().lower()
+                assert label in ("benign", "malignant", "normal"), label
+                assert card.locator(".probabilities tr").count() == 3
+                heatmap = card.locator("img.heatmap")
+                sync_api.expect(heatmap).to_be_visible()
+                page.wait_for_function(
+                    "img => img.complete && img.naturalWidth > 0", arg=heatmap.element_handle()
+                )
+                assert card.locator(".similar-empty, .similar-list li").first.is_visible()
+            assert "without storing" in by_name[png.name].locator(".stored-note").inner_text()
+            assert "Stored as study" in by_name[dicom.name].locator(".stored-note").inner_text()
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+    print(f"upload page screenshot: {screenshot}")
+    # the DICOM file went through the pipeline: one study with its result and SR
+    studies = upload_node.client.get("/studies").json()["items"]
+    assert len(studies) == 1 and studies[0]["label"] is not None
+
+
+def test_upload_page_shows_not_assessable_and_similar_cases(
+    upload_node: Node, shared_data: Path, tmp_path: Path
+) -> None:
+    """The page's rendering of two answers the node cannot give yet: the bundled model has no
+    out-of-distribution check (``not_assessable`` is always false) and ``GET
+    /results/{id}/similar`` is being built in another branch. So this test, and only this one,
+    answers in the browser with a real ``/analyse`` answer whose flag is set, and a made-up list
+    of similar cases for a result id (Playwright routes, a mock by necessity)."""
+    sync_api = _playwright()
+    png = _busi(shared_data, "normal")
+    real = upload_node.client.post(
+        "/analyse",
+        files={"file": (png.name, png.read_bytes(), "image/png")},
+        data={"modality": "US"},
+    ).json()
+    flagged = {**real, "not_assessable": True}
+    # the shape of GET /results/{id}/similar as the similar-cases branch (h5) builds it
+    similar = {
+        "result_id": 1,
+        "k": 5,
+        "items": [
+            {
+                "result_id": 100 + i,
+                "label": label,
+                "ground_truth": "benign" if i == 0 else None,
+                "distance": 0.1 * (i + 1),
+                "thumbnail": f"/results/{100 + i}/heatmap.png?index=1",
+            }
+            for i, label in enumerate(["benign", "malignant", "normal", "benign", "benign", "x"])
+        ],
+    }
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.route(
+                "**/analyse",
+                lambda route: route.fulfill(
+                    status=200, content_type="application/json", body=json.dumps(flagged)
+                ),
+            )
+            page.goto(f"{upload_node.url}/upload")
+            page.set_input_files("#file-input", [str(png)])
+            card = page.locator('article.card[data-state="done"]')
+            sync_api.expect(card).to_have_count(1)
+            sync_api.expect(card.locator(".not-assessable")).to_be_visible()
+            assert card.get_attribute("data-not-assessable") == "true"
+            assert card.locator(".label").inner_text().lower() == real["label"]
+
+            # a stored study whose result has similar cases: the five first are listed
+            page.evaluate("""() => {
+                const card = document.querySelector("article.card");
+                card.remove();
+            }""")
+            page.unroute("**/analyse")
+            page.route(
+                "**/results/*/similar",
+                lambda route: route.fulfill(
+                    status=200, content_type="application/json", body=json.dumps(similar)
+                ),
+            )
+            dicom = shared_data / US_SAMPLE
+            if not dicom.exists():
+                pytest.skip(f"{dicom} is missing from the shared data")
+            page.set_input_files("#file-input", [str(dicom)])
+            done = page.locator('article.card[data-state="done"]')
+            sync_api.expect(done).to_have_count(1, timeout=240_000)
+            items = done.locator(".similar-list li")
+            sync_api.expect(items).to_have_count(5)
+            assert items.first.inner_text() == "benign, confirmed benign, distance 0.10"
+            assert items.nth(1).inner_text() == "malignant, distance 0.20"
+            assert done.locator(".similar-empty").is_hidden()
+            page.screenshot(path=str(tmp_path / "upload-flags.png"), full_page=True)
+        finally:
+            browser.close()
+    print(f"upload page screenshot: {tmp_path / 'upload-flags.png'}")
