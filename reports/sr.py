@@ -11,6 +11,7 @@ from pydicom import Dataset
 from inference.prediction import Prediction
 from reports import codes
 from reports._source import copy_patient_study, laterality, reference_view
+from reports.slide import slide_measurements
 
 SR_SERIES_DESCRIPTION = "breastcad AI findings"
 DEVICE_OBSERVER_NAME = "breastcad"
@@ -121,6 +122,7 @@ def _measurements(prediction: Prediction) -> list[hd.sr.Measurement]:
             hd.sr.Measurement(name=codes.OOD_SCORE, value=float(prediction.ood_score),
                               unit=codes.NO_UNITS)
         )
+    measurements += slide_measurements(prediction)  # whole slides: areas, fraction, tiles
     return measurements
 
 

@@ -66,6 +66,7 @@ from workers.analysis import (
     analyse_generic,
 )
 from workers.routing import ResultFacts, route
+from workers.slide import SlidePipelineError, analyse_slide_series
 
 __all__ = ["AnalysisFailed", "WorkerContext", "aggregate", "analyse", "analyse_instance", "deliver",
            "run_pipeline"]
@@ -222,7 +223,8 @@ def _load_datasets(
     for row in rows:
         path = ctx.settings.store_dir / row.path
         try:
-            datasets.append(dcmread(path))
+            # pixel data is read when decoded (a whole-slide pyramid is never loaded whole)
+            datasets.append(dcmread(path, defer_size="1 MB"))
         except (OSError, InvalidDicomError) as exc:
             raise AnalysisFailed(
                 f"cannot read stored instance {row.sop_instance_uid}: {exc}"
@@ -326,10 +328,22 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
     except ModelNotAvailableError as exc:
         raise AnalysisFailed(str(exc)) from exc
     started = time.perf_counter()
-    try:
-        analysis = run_pipeline(ctx, modality, datasets, classifier)
-    except PipelineError as exc:
-        raise AnalysisFailed(str(exc)) from exc
+    if modality.upper() == "SM":  # whole slides: the pyramid is read region by region
+        try:
+            slide = analyse_slide_series(datasets, classifier)
+        except SlidePipelineError as exc:
+            raise AnalysisFailed(str(exc)) from exc
+        datasets = [slide.source]
+        analysis = SeriesAnalysis(
+            analyses=[ImageAnalysis(source=slide.source, image=slide.image,
+                                    prediction=slide.prediction)],
+            series_prediction=slide.prediction,
+        )
+    else:
+        try:
+            analysis = run_pipeline(ctx, modality, datasets, classifier)
+        except PipelineError as exc:
+            raise AnalysisFailed(str(exc)) from exc
     inference_seconds = time.perf_counter() - started
     series_prediction = analysis.series_prediction
     images = [a.image for a in analysis.analyses]
