@@ -1,9 +1,10 @@
-"""The patient-level split of the IDC patch data set used by the whole-slide code.
+"""The patient-level split of the IDC patch data set, as the SM patch model was trained on it.
 
-``labels.csv`` of ``idc-breast-histopathology`` lists ``path,patient_id,x,y,label``; every patient
-is one slide. Patients (never patches) are shuffled with a fixed seed and cut 70/15/15 into
-train/val/test, so slides assembled for the aggregator (train patients) and the test fixtures
-(test patients) never share a patient with each other.
+Every patient of ``idc-breast-histopathology`` is one slide. The split is the lead's
+(``inference.datasets.split_by_group`` of ``read_idc``: by patient, stratified by the patient's
+majority label, 70/15/15) with the seed written in the bundled SM model's card (``split.seed``;
+0, the training default, when no SM model is bundled). So the aggregator trains on bags of TRAIN
+patients and the test fixtures use TEST patients the patch model never saw.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from inference.bundled import bundled_cards
+from inference.datasets import IDC_LABELS, Sample, split_by_group
 
 IDC_FOLDER = "idc-breast-histopathology"
-SPLIT_SEED = 20261122
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
+
+
+def split_seed() -> int:
+    """The split seed of the bundled SM patch model's card (0 when there is none)."""
+    for card in bundled_cards():
+        if card.modality == "SM":
+            split = card.data.get("split") or {}
+            return int(split.get("seed", 0)) if isinstance(split, dict) else 0
+    return 0
 
 
 @dataclass(frozen=True)
@@ -55,23 +65,26 @@ def read_idc_patches(data_dir: Path) -> list[IdcPatch]:
 
 
 def split_patients(
-    patient_ids: set[str] | list[str], seed: int = SPLIT_SEED
+    patches: list[IdcPatch], seed: int | None = None
 ) -> dict[str, list[str]]:
-    """Patients -> ``{"train": [...], "val": [...], "test": [...]}``, deterministic for a seed."""
-    ordered = sorted(set(patient_ids), key=lambda pid: (len(pid), pid))
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    n_test = int(round(SPLIT_FRACTIONS[2] * len(ordered)))
-    n_val = int(round(SPLIT_FRACTIONS[1] * len(ordered)))
-    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for rank, index in enumerate(order):
-        name = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-        split[name].append(ordered[index])
-    return {name: sorted(ids, key=lambda pid: (len(pid), pid)) for name, ids in split.items()}
+    """Patient IDs of each split: ``{"train": [...], "val": [...], "test": [...]}``."""
+    samples = [
+        Sample(path=p.path, label=IDC_LABELS[p.label], group=p.patient_id) for p in patches
+    ]
+    split = split_by_group(
+        samples, seed=split_seed() if seed is None else seed, labels=IDC_LABELS
+    )
+    return {
+        name: sorted({s.group for s in members}, key=lambda pid: (len(pid), pid))
+        for name, members in split.items()
+    }
 
 
-def patches_by_split(patches: list[IdcPatch], seed: int = SPLIT_SEED) -> dict[str, list[IdcPatch]]:
+def patches_by_split(
+    patches: list[IdcPatch], seed: int | None = None
+) -> dict[str, list[IdcPatch]]:
     """The patches of each split's patients."""
-    split = split_patients({p.patient_id for p in patches}, seed)
+    split = split_patients(patches, seed)
     where = {pid: name for name, ids in split.items() for pid in ids}
     grouped: dict[str, list[IdcPatch]] = defaultdict(list)
     for patch in patches:

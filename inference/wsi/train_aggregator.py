@@ -41,10 +41,10 @@ from inference.wsi.analysis import TOP_K_FRACTION, TileClassifier, positive_labe
 from inference.wsi.split import (
     IDC_FOLDER,
     SPLIT_FRACTIONS,
-    SPLIT_SEED,
     IdcPatch,
     patches_by_split,
     read_idc_patches,
+    split_seed,
 )
 
 GLASS = 238
@@ -230,9 +230,10 @@ def train_aggregator(
         "training_data": {
             "dataset": f"{IDC_FOLDER} (shared part), slides assembled from patches",
             "split": (
-                f"patients shuffled with seed {SPLIT_SEED}, cut {SPLIT_FRACTIONS} into "
-                "train/val/test (inference.wsi.split); train bags from train patients, "
-                "validation bags from val patients; test patients unused"
+                f"the SM patch model's: by patient, stratified by majority label, "
+                f"{SPLIT_FRACTIONS}, seed {split_seed()} (inference.datasets.split_by_group via "
+                "inference.wsi.split); train bags from train patients, validation bags from "
+                "val patients; test patients unused"
             ),
             "train_patients": len({p.patient_id for p in train_patches}),
             "val_patients": len({p.patient_id for p in val_patches}),

@@ -193,12 +193,13 @@ def test_attention_stream_equals_the_whole_bag() -> None:
 
 def test_patient_split_is_deterministic_and_disjoint(idc_dir: Path) -> None:
     patches = read_idc_patches(idc_dir)
-    split = split_patients({p.patient_id for p in patches})
-    again = split_patients(list(reversed(sorted({p.patient_id for p in patches}))))
+    split = split_patients(patches)
+    again = split_patients(list(reversed(patches)))
     assert split == again
     train, val, test = (set(split[name]) for name in ("train", "val", "test"))
     assert not (train & val or train & test or val & test)
-    assert len(test) == round(0.15 * len(train | val | test))
+    # the patch model's split (inference.datasets), 70/15/15 of the patients in each stratum
+    assert abs(len(test) - 0.15 * len(train | val | test)) <= 2
     by_split = patches_by_split(patches)
     assert sum(len(v) for v in by_split.values()) == len(patches)
 
@@ -311,7 +312,7 @@ def test_assembled_slide_holds_the_patches_where_their_names_say(idc_dir: Path) 
         assembled.canvas[patch.y - y0 : patch.y - y0 + h, patch.x - x0 : patch.x - x0 + w], pixels
     )
     assert assembled.truth[(patch.y - y0) // 50, (patch.x - x0) // 50] == patch.label
-    assert patient in split_patients({p.patient_id for p in read_idc_patches(idc_dir)})["test"]
+    assert patient in split_patients(read_idc_patches(idc_dir))["test"]
 
 
 def test_sparse_pyramid_gives_the_same_tile_map(
