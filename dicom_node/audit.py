@@ -31,6 +31,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from dicom_node.db import AuditEvent, Instance, StateDB
 
@@ -189,9 +190,10 @@ def install_api_audit(app: FastAPI, db: StateDB) -> None:
         response = await call_next(request)
         if request.method in _MUTATING:
             client = request.client.host if request.client is not None else "unknown"
-            record(
-                db, actor_kind="api", actor=client, action=f"api-{request.method.lower()}",
-                ok=response.status_code < 400,
+            # the DB write runs in the thread pool, not on the event loop
+            await run_in_threadpool(
+                record, db, actor_kind="api", actor=client,
+                action=f"api-{request.method.lower()}", ok=response.status_code < 400,
                 detail={"path": request.url.path, "status": response.status_code},
             )
         return response

@@ -99,8 +99,6 @@ def client_ssl_context(
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with an IP allow-list and a per-connection TLS handshake."""
 
-    daemon_threads = True
-
     def __init__(
         self,
         *args: Any,

@@ -170,14 +170,6 @@ class Settings(BaseSettings):
     # a result whose suspicion (probability of malignancy) is at least this is flagged priority
     # (API, worklist, SR triage finding); null = never
     priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
-    # the upload page's POST /analyse refuses larger files (413)
-    upload_max_bytes: int = Field(default=200_000_000, ge=1)
-    # a STOW-RS request body (held in memory while it is stored) larger than this is refused (413)
-    stow_max_bytes: int = Field(default=1_000_000_000, ge=1)
-    # optional FHIR server receiving each DiagnosticReport (POST, retried like deliveries)
-    fhir_endpoint: FhirEndpoint | None = None
-    # how many similar past cases (nearest embeddings of other studies) the SR lists; 0 = none
-    similar_cases_in_sr: int = Field(default=5, ge=0, le=50)
     # series of other modalities (CT, SR, KO, PR ...) are stored but never analysed: their
     # series gets a job row ended at once with the reason, and a log line
     analysed_modalities: list[str] = Field(default_factory=lambda: ["MG", "SM", "US"])
@@ -191,6 +183,14 @@ class Settings(BaseSettings):
     us_max_frames: int = Field(default=16, ge=1)
     # further directories of model cards (+ weights), searched before the bundled models
     model_dirs: list[Path] = Field(default_factory=lambda: [])
+    # the upload page's POST /analyse refuses larger files (413)
+    upload_max_bytes: int = Field(default=200_000_000, ge=1)
+    # a STOW-RS request body (held in memory while it is stored) larger than this is refused (413)
+    stow_max_bytes: int = Field(default=1_000_000_000, ge=1)
+    # optional FHIR server receiving each DiagnosticReport (POST, retried like deliveries)
+    fhir_endpoint: FhirEndpoint | None = None
+    # how many similar past cases (nearest embeddings of other studies) the SR lists; 0 = none
+    similar_cases_in_sr: int = Field(default=5, ge=0, le=50)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:
@@ -206,6 +206,11 @@ class Settings(BaseSettings):
                     f"configured destinations: {sorted(self.destinations)}"
                 )
         return self
+
+    @field_validator("analysed_modalities")
+    @classmethod
+    def _upper_modalities(cls, value: list[str]) -> list[str]:
+        return [item.strip().upper() for item in value if item.strip()]
 
     @model_validator(mode="after")
     def _tls_files_complete(self) -> Settings:
@@ -233,11 +238,6 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip() == "":
             return None
         return value
-
-    @field_validator("analysed_modalities")
-    @classmethod
-    def _upper_modalities(cls, value: list[str]) -> list[str]:
-        return [item.strip().upper() for item in value if item.strip()]
 
     @field_validator("broker_url", "database_url", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset
 
 from inference.prediction import Prediction
@@ -116,6 +117,17 @@ def _check_inputs(
                                  f"its source is {expected[0]}x{expected[1]} (Rows x Columns)")
 
 
+def _at_source_size(prediction: Prediction, source: Dataset) -> Prediction:
+    """``prediction`` with its heatmap resampled (bilinear) to the source's Rows x Columns (a
+    mammogram analysed scaled down)."""
+    rows, columns = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    if prediction.heatmap.shape == (rows, columns) or rows <= 0 or columns <= 0:
+        return prediction
+    image = Image.fromarray(np.asarray(prediction.heatmap, dtype=np.float32), mode="F")
+    full = np.asarray(image.resize((columns, rows), Image.Resampling.BILINEAR), np.float32)
+    return replace(prediction, heatmap=np.clip(full, 0.0, 1.0).astype(np.float32))
+
+
 def _scaled_down(shape: tuple[int, int], full: tuple[int, int]) -> bool:
     """Whether ``shape`` is ``full`` scaled down, its aspect ratio kept (to rounding)."""
     if not (0 < shape[0] <= full[0] and 0 < shape[1] <= full[1]):
@@ -146,10 +158,10 @@ def build_results(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
-    similar_cases: Sequence[SimilarCase] = (),
-    with_seg: bool = False,
     groups: Sequence[FindingGroup] | None = None,
     frame_numbers: Sequence[int | None] | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
+    with_seg: bool = False,
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
@@ -167,13 +179,13 @@ def build_results(
     ``predecessor`` is the earlier SR this result supersedes (its Study, Series, SOP Class and
     SOP Instance UIDs are read; it must be of the same study and not the SR built here).
 
-    ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
-    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image that can have one
-    (not slides, not multi-frame images: :func:`reports.seg.seg_unsupported`).
     ``groups`` (e.g. one per breast) replace the SR's single series finding group; a group
     without a tracking UID gets one derived like the others (role ``sr-tracking-<n>-<side>``).
     ``frame_numbers[i]`` (1-based) is the frame of a multi-frame ``sources[i]`` that
     ``images[i]`` shows: the SR's image references and the SC's Source Image Sequence name it.
+    ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
+    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image that can have one
+    (not slides, not multi-frame images: :func:`reports.seg.seg_unsupported`).
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -230,9 +242,9 @@ def build_results(
         software_version=software_version,
         priority=priority,
         predecessor=predecessor,
-        similar_cases=similar_cases,
         groups=groups,
         frame_numbers=frame_numbers,
+        similar_cases=similar_cases,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)
@@ -265,7 +277,7 @@ def build_results(
                 continue  # a slide, a multi-frame image: the SR and SC carry the result
             segmentations.append(build_heatmap_seg(
                 source,
-                prediction,
+                _at_source_size(prediction, source),
                 series_instance_uid=seg_series_uid,
                 series_number=seg_series_number,
                 sop_instance_uid=uid(f"seg-instance-{source.SOPInstanceUID}"),

@@ -158,9 +158,9 @@ def build_sr(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
-    similar_cases: Sequence[SimilarCase] = (),
     groups: Sequence[FindingGroup] | None = None,
     frame_numbers: Sequence[int | None] | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR with one TID 1501 measurement group for ``series_prediction``, or
     one per item of ``groups`` (e.g. one per breast of a mammography series).
@@ -172,14 +172,16 @@ def build_sr(
     (SCT 260870009 "Priority" = SCT 394849002 "High priority" or 394848005 "Normal priority")
     unless ``priority`` is None, and every source image. ``predecessor`` (an earlier breastcad
     SR of the same study that this one supersedes) goes into the Predecessor Documents Sequence.
-    ``similar_cases`` (nearest past cases of other studies) are listed in the measurement group,
-    one "Similar case" container each (:func:`similar_case_items`).
 
     ``groups`` replace the single series group: each has its own tracking UID, finding, finding
     site laterality, probabilities and source images (the triage finding is the series' own,
     written into every group). ``frame_numbers[i]`` (1-based, or None) is the frame of
     ``sources[i]`` that the finding refers to (the most suspicious frame of a multi-frame
     image): it is the Referenced Frame Number of that source image in the groups.
+
+    ``similar_cases`` (nearest past cases of other studies) are listed in the measurement group of
+    ``series_prediction`` (the first group if none is),
+    one "Similar case" container each (:func:`similar_case_items`).
     """
     if frame_numbers is not None and len(frame_numbers) != len(sources):
         raise ValueError(f"{len(frame_numbers)} frame numbers for {len(sources)} sources")
@@ -240,8 +242,9 @@ def build_sr(
         for group in groups
     ]
     if similar_cases:
-        # after the TID 1501 rows of the first group: each similar case's study, finding, distance
-        measurement_groups[0][0].ContentSequence.extend(similar_case_items(similar_cases))
+        # after the TID 1501 rows: each similar case's study, finding and distance
+        target = next((n for n, g in enumerate(groups) if g.prediction is series_prediction), 0)
+        measurement_groups[target][0].ContentSequence.extend(similar_case_items(similar_cases))
     library = [view for view in views if _library_entry_ok(view)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

@@ -366,10 +366,10 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         software_version=SOFTWARE_VERSION,
         priority=priority,
         predecessor=predecessor[1] if predecessor is not None else None,
-        similar_cases=similar_cases,
-        with_seg=_wants_seg(ctx, modality),
         groups=analysis.groups,
         frame_numbers=frame_numbers if any(n is not None for n in frame_numbers) else None,
+        similar_cases=similar_cases,
+        with_seg=_wants_seg(ctx, modality),
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder

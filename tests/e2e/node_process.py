@@ -144,7 +144,13 @@ class Node:
         deadline = time.monotonic() + timeout
         jobs: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            jobs = self.client.get("/jobs").json()["items"]
+            try:
+                jobs = self.client.get("/jobs").json()["items"]
+            except httpx.TransportError:
+                # a kept-alive connection the server closed as we reused it (seen on a machine
+                # with a load average of 48): poll again
+                time.sleep(0.5)
+                continue
             if len(jobs) >= count and all(j["state"] in ("done", "failed") for j in jobs):
                 return jobs
             time.sleep(0.5)
