@@ -678,6 +678,9 @@ def train(
     finally:
         set_track_meta(previous_track_meta)
         torch.set_num_threads(previous_threads)
+        # flush-to-zero is process-wide: leave the process as we found it (hypothesis, for one,
+        # refuses to run with subnormals flushed)
+        torch.set_flush_denormal(False)
 
 
 def fit_ood(card_path: Path, data_dir: Path | None = None, seed: int | None = None) -> Path:

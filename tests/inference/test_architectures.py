@@ -65,6 +65,10 @@ def test_grad_cam_points_at_the_evidence(arch: str) -> None:
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], f"{arch} did not learn: {losses[0]:.3f}, {losses[-1]:.3f}"
+    # settle the BatchNorm running statistics on the training images (no weight update)
+    with torch.no_grad():
+        for _ in range(10):
+            net(images)
     card = ModelCard.from_dict({
         "name": "t", "version": "0", "modality": "US", "architecture": arch,
         "labels": ["blank", "square"], "input_size": size, "in_channels": 1, "sha256": "0",
