@@ -235,9 +235,9 @@ def test_fhir_push_retries_and_delivers_a_valid_report(outputs: Outputs) -> None
 def test_audit_records_the_association_its_study_and_an_api_retry(outputs: Outputs) -> None:
     node = outputs.node
     events = node.client.get("/audit").json()["items"]
-    # (the harness's READYPROBE C-ECHO is an association too)
+    # the test harness's readiness probe (an echo association) is audited too
     [association] = [e for e in events if e["action"] == "association"
-                     and e["actor"].startswith("MODALITY1")]
+                     and e["actor"].startswith("MODALITY1@")]
     assert association["actor_kind"] == "dicom"
     assert association["actor"].startswith("MODALITY1@127.0.0.1")
     assert association["ok"] is True
