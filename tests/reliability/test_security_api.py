@@ -49,6 +49,7 @@ PROTECTED_GETS = [
     "/docs",
     "/",
     "/dicomweb/studies",
+    "/later/items",
     "/static/app.css",
     "/no-such-route",
 ]
@@ -85,8 +86,8 @@ def _app(tmp: Path, token: str | None) -> tuple[FastAPI, StateDB]:
     # added after create_api, as the other routers are
     later = APIRouter()
 
-    @later.get("/dicomweb/studies")
-    def dicomweb_studies() -> list[dict[str, str]]:
+    @later.get("/later/items")
+    def later_items() -> list[dict[str, str]]:
         return []
 
     app.include_router(later)
@@ -162,7 +163,7 @@ def test_right_token_opens_every_route(served: Served) -> None:
         "/deliveries": 200,
         "/metrics": 200,
         "/openapi.json": 200,
-        "/dicomweb/studies": 200,
+        "/later/items": 200,
         "/static/app.css": 200,
         "/deliveries/1": 404,
         "/no-such-route": 404,
