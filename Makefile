@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP_RUN  := $(VENV)/.installed-run-$(HASH)
 STAMP_TEST := $(VENV)/.installed-test-$(HASH)
-APT_PACKAGES := orthanc dcmtk dicom3tools orthanc-dicomweb chromium
+APT_PACKAGES := orthanc dcmtk dicom3tools orthanc-dicomweb chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck install install-test system-deps models clean
@@ -32,14 +32,15 @@ serve: install
 	$(BIN)/breastcad serve $(if $(CONFIG),--config $(CONFIG))
 
 ## System packages the tests talk to: Orthanc (the PACS) and its DICOMweb plugin, dcmtk (storescu,
-## dsrdump), dciodvfy, chromium (the upload page's browser test).
+## dsrdump), dciodvfy, chromium (the dashboard and upload-page tests; Playwright drives
+## /usr/bin/chromium, never its own browser).
 system-deps:
 	@missing=""; \
 	command -v Orthanc  >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
 	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \

@@ -22,7 +22,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.api_errors import install_api_errors
+from dicom_node.audit import install_api_audit
 from dicom_node.auth import install_api_auth
+from dicom_node.dashboard import dashboard_router
 from dicom_node.db import (
     Delivery,
     DeliveryAttempt,
@@ -39,6 +41,7 @@ from dicom_node.db import (
 from dicom_node.dicomweb import DicomwebService, dicomweb_router
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
+from dicom_node.similar import similar_router
 from dicom_node.upload import upload_router
 from reports.fhir import ReportFacts, diagnostic_report, searchset
 
@@ -244,6 +247,10 @@ def _report_facts(result: Result, study: Study | None, base_url: str) -> ReportF
         priority=result.priority if result.suspicion is not None else None,
         heatmap_urls=[base_url + link for link in _heatmap_links(result)],
     )
+
+
+# public: the FHIR push (workers.tasks) sends the same report as GET /fhir/DiagnosticReport
+report_facts = _report_facts
 
 
 class StateCollector(Collector):
@@ -649,4 +656,7 @@ def create_api(
                 ]
             }
 
+    install_api_audit(app, db)
+    app.include_router(similar_router(db))
+    app.include_router(dashboard_router(settings, db))
     return app

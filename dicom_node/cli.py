@@ -1,4 +1,5 @@
-"""The ``breastcad`` command: serve, worker, predict, models, train, evaluate, deliveries, routes.
+"""The ``breastcad`` command: serve, worker, predict, report, models, train, evaluate, deliveries,
+routes.
 
 The CLI composes the processes, so it is the one place in ``dicom_node`` that imports ``workers``.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -51,12 +51,10 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(settings: Settings) -> None:
+    from dicom_node.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _torch_threads(count: int) -> None:
@@ -71,6 +69,7 @@ def serve(config: ConfigOption = None) -> None:
     import uvicorn
 
     from dicom_node.api import create_api
+    from dicom_node.audit import DicomAudit
     from dicom_node.db import StateDB
     from dicom_node.dispatch import Dispatcher
     from dicom_node.scp import StorageSCP
@@ -78,7 +77,7 @@ def serve(config: ConfigOption = None) -> None:
     from workers.app import BreastcadCelery, EmbeddedWorker
 
     settings = _settings(config)
-    _logging(settings.log_level)
+    _logging(settings)
     log = logging.getLogger("breastcad")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.results_dir.mkdir(parents=True, exist_ok=True)
@@ -92,15 +91,16 @@ def serve(config: ConfigOption = None) -> None:
     if settings.embedded_worker:
         _torch_threads(settings.torch_threads)
         worker = EmbeddedWorker(celery, concurrency=settings.worker_concurrency)
-    scp = StorageSCP(settings, store)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_api(settings, db, queue_depth=celery.queue_depth),
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level=settings.log_level.lower(),
-        )
+    scp = StorageSCP(settings, store, extra_handlers=DicomAudit(db).handlers())
+    uvicorn_config = uvicorn.Config(
+        create_api(settings, db, queue_depth=celery.queue_depth),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        # json: uvicorn's loggers go through the root's JSON handler (configure_logging)
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
+    server = uvicorn.Server(uvicorn_config)
     try:
         scp.start()
     except OSError as exc:
@@ -143,7 +143,12 @@ def worker(config: ConfigOption = None) -> None:
             err=True,
         )
         raise typer.Exit(2)
-    _logging(settings.log_level)
+    _logging(settings)
+    if settings.log_format == "json":
+        # a receiver on setup_logging makes Celery leave the logging configured above alone
+        from celery.signals import setup_logging
+
+        setup_logging.connect(lambda **_kwargs: None, weak=False)
     _torch_threads(settings.torch_threads)
     db = StateDB(settings.sqlalchemy_url)
     run_worker(BreastcadCelery(settings, db), settings.worker_concurrency, settings.log_level)
@@ -163,16 +168,20 @@ def predict(
 ) -> None:
     """Classify images with the bundled models and write a heatmap PNG for each."""
     from pydicom import dcmread
+    from pydicom.dataset import Dataset
     from pydicom.errors import InvalidDicomError
 
     from inference import (
         Classifier,
         ModelNotAvailableError,
-        image_from_dataset,
         image_from_file,
         load_bundled,
     )
     from reports import overlay_png
+    from workers.tasks import analyse_instance
+
+    us_max_frames = Settings.model_fields["us_max_frames"].default
+    mg_max_side = Settings.model_fields["mg_max_side"].default
 
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, Classifier] = {}
@@ -180,16 +189,24 @@ def predict(
     for path in files:
         record: dict[str, object] = {"file": str(path)}
         try:
+            ds: Dataset | None
             try:
                 ds = dcmread(path)
                 file_modality = str(ds.get("Modality", "")).strip() or (modality or "")
-                image = image_from_dataset(ds)
             except InvalidDicomError:
+                ds = None
                 file_modality = (modality or "US").upper()
                 image = image_from_file(path)
             if file_modality not in models:
                 models[file_modality] = load_bundled(file_modality)
-            prediction = models[file_modality].predict(image)
+            if ds is not None:
+                # the node's per-image pipeline (US region crop and frames, MG orientation)
+                analysed = analyse_instance(
+                    ds, models[file_modality], us_max_frames, mg_max_side
+                )
+                image, prediction = analysed.image, analysed.prediction
+            else:
+                prediction = models[file_modality].predict(image)
         except (ValueError, OSError, ModelNotAvailableError) as exc:
             failures += 1
             record["error"] = str(exc)
@@ -217,6 +234,29 @@ def predict(
             typer.echo(f"{path}: {prediction.label} ({probs}) heatmap {heatmap}")
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    file: Annotated[Path, typer.Argument(help="A breastcad SR (DICOM file).")],
+) -> None:
+    """Print a Structured Report as readable text: document, patient, study, algorithm, each
+    finding with its codes, probabilities, laterality, images, predecessor and similar cases."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from reports.sr_text import NotAStructuredReport, sr_text
+
+    try:
+        ds = dcmread(file)
+    except (OSError, InvalidDicomError) as exc:
+        typer.echo(f"breastcad report: cannot read {file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        typer.echo(sr_text(ds), nl=False)
+    except NotAStructuredReport as exc:
+        typer.echo(f"breastcad report: {file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CursorResult,
     DateTime,
     Engine,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -174,6 +176,46 @@ class DeliveryAttempt(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     ok: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class CaseEmbedding(Base):
+    """One analysed image's embedding (penultimate layer), for similar-case retrieval."""
+
+    __tablename__ = "case_embeddings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(Integer, ForeignKey("results.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # 1-based index of the image in its result (its heatmap is /results/{id}/heatmap.png?index=)
+    image_index: Mapped[int] = mapped_column(Integer)
+    # the model that made the embedding: only embeddings of the same model are comparable
+    model_key: Mapped[str] = mapped_column(String(160), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    # the confirmed diagnosis when known (e.g. a data set's label, pathology), else null
+    ground_truth: Mapped[str | None] = mapped_column(String(32))
+    # float32 little-endian, L2-normalised
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what, when, to which objects: associations, C-STOREs, API actions."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # "dicom" (the calling AE title) or "api" (the client address)
+    actor_kind: Mapped[str] = mapped_column(String(8))
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    ok: Mapped[bool] = mapped_column(Boolean, default=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class StateDB:

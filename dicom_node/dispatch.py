@@ -3,6 +3,11 @@
 One loop in the node process:
 - a series quiet for ``series_quiet_seconds`` becomes complete: a job row is written first, and only
   then is the Celery message sent, so a lost message can always be re-sent from the row;
+- a mammography study whose four screening views (L/R x CC/MLO) are stored completes at once,
+  without waiting for the quiet period (``mammo_view_set: four_views``);
+- a series of a modality with no analysis pipeline (not in ``analysed_modalities``: CT, SR, KO,
+  ...) is complete after the quiet period like any other, but its job row is written already
+  ended, with the reason, and no message is sent: it never reaches a model;
 - queued jobs whose message is gone (the broker restarted and lost it) are sent again;
 - running jobs whose worker vanished are re-queued, or failed after ``job_max_attempts``;
 - deliveries that are due (first attempt or a retry after back-off) are sent to a worker.
@@ -13,8 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select, update
 
 from dicom_node.db import (
@@ -31,11 +38,16 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.settings import Settings
+from inference.dicom_pixels import image_laterality, view_position
 
 log = logging.getLogger(__name__)
 
 SendFn = Callable[[int], None]
 DepthFn = Callable[[], int | None]
+
+# the four views of a screening mammography study
+SCREENING_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")})
+_VIEW_CACHE_LIMIT = 20_000
 
 
 class Dispatcher:
@@ -56,6 +68,8 @@ class Dispatcher:
         self.queue_depth = queue_depth
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # SOPInstanceUID -> (laterality, view) of stored MG instances (read once from the file)
+        self._views: dict[str, tuple[str | None, str | None]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,6 +132,8 @@ class Dispatcher:
 
     # -- duties ----------------------------------------------------------------------------
     def complete_quiet_series(self) -> list[int]:
+        """Complete the quiet series and the mammography studies whose view set is whole;
+        returns the new job ids."""
         cutoff = utcnow() - timedelta(seconds=self.settings.series_quiet_seconds)
         created: list[int] = []
         with self.db.session() as session:
@@ -127,30 +143,99 @@ class Dispatcher:
                 )
             ).all()
         for uid in quiet:
-            with self.db.session() as session:
-                changed = changed_rows(
-                    session,
-                    update(Series)
-                    .where(
-                        Series.series_instance_uid == uid,
-                        Series.state == SeriesState.RECEIVING,
-                        Series.last_instance_at <= cutoff,
-                    )
-                    .values(state=SeriesState.COMPLETE),
-                )
-                if not changed:
-                    continue  # a new instance arrived meanwhile: still receiving
-                count = session.scalar(
-                    select(func.count())
-                    .select_from(Instance)
-                    .where(Instance.series_instance_uid == uid)
-                )
-                job = Job(series_instance_uid=uid, state=JobState.PENDING, instance_count=count)
-                session.add(job)
-                session.flush()
-                created.append(job.id)
-            log.info("series %s complete: job %d", uid, created[-1])
+            job_id = self._complete(uid, cutoff, "quiet")
+            if job_id is not None:
+                created.append(job_id)
+        if self.settings.mammo_view_set == "four_views":
+            for uid in self._whole_mammo_view_sets(cutoff):
+                job_id = self._complete(uid, None, "mammography view set whole")
+                if job_id is not None:
+                    created.append(job_id)
         return created
+
+    def _complete(self, uid: str, cutoff: datetime | None, why: str) -> int | None:
+        """Mark one receiving series complete (still quiet since ``cutoff`` if given) and write
+        its job row; None if a new instance re-opened it meanwhile."""
+        with self.db.session() as session:
+            conditions = [
+                Series.series_instance_uid == uid,
+                Series.state == SeriesState.RECEIVING,
+            ]
+            if cutoff is not None:
+                conditions.append(Series.last_instance_at <= cutoff)
+            changed = changed_rows(
+                session, update(Series).where(*conditions).values(state=SeriesState.COMPLETE)
+            )
+            if not changed:
+                return None  # a new instance arrived meanwhile: still receiving
+            series = session.get(Series, uid)
+            modality = ((series.modality if series is not None else None) or "").strip().upper()
+            count = session.scalar(
+                select(func.count()).select_from(Instance).where(
+                    Instance.series_instance_uid == uid
+                )
+            )
+            job = Job(series_instance_uid=uid, state=JobState.PENDING, instance_count=count)
+            if modality not in self.settings.analysed_modalities:
+                job.state = JobState.DONE
+                job.reason = (
+                    f"not analysed: Modality {modality or '(none)'!r} has no analysis pipeline "
+                    f"(analysed: {', '.join(self.settings.analysed_modalities)})"
+                )
+                job.finished_at = utcnow()
+            session.add(job)
+            session.flush()
+            job_id = job.id
+            reason = job.reason
+        if reason is not None:
+            log.info("series %s stored, job %d: %s", uid, job_id, reason)
+        else:
+            log.info("series %s complete (%s): job %d", uid, why, job_id)
+        return job_id
+
+    def _whole_mammo_view_sets(self, cutoff: datetime) -> list[str]:
+        """Receiving MG series (not yet quiet) of studies whose stored MG instances hold the
+        four screening views."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(Series.series_instance_uid, Series.study_instance_uid).where(
+                    Series.state == SeriesState.RECEIVING,
+                    Series.modality == "MG",
+                    Series.last_instance_at > cutoff,
+                )
+            ).all()
+            studies = {study for _uid, study in rows}
+            if not studies:
+                return []
+            instances = session.execute(
+                select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.path)
+                .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+                .where(Instance.study_instance_uid.in_(studies), Series.modality == "MG")
+            ).all()
+        if len(self._views) > _VIEW_CACHE_LIMIT:
+            self._views.clear()
+        views: dict[str, set[tuple[str | None, str | None]]] = {}
+        for sop_uid, study, path in instances:
+            if sop_uid not in self._views:
+                self._views[sop_uid] = self._read_view(path)
+            views.setdefault(study, set()).add(self._views[sop_uid])
+        whole = {study for study, seen in views.items() if seen >= SCREENING_VIEWS}
+        return [uid for uid, study in rows if study in whole]
+
+    def _read_view(self, path: str) -> tuple[str | None, str | None]:
+        try:
+            ds = dcmread(
+                self.settings.store_dir / path,
+                stop_before_pixels=True,
+                specific_tags=[
+                    "ImageLaterality", "Laterality", "ViewPosition", "ViewCodeSequence",
+                    "PatientOrientation",
+                ],
+            )
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("cannot read the view of stored instance %s: %s", path, exc)
+            return None, None
+        return image_laterality(ds), view_position(ds)
 
     def send_pending_jobs(self) -> None:
         with self.db.session() as session:

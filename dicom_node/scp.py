@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -25,7 +25,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -91,8 +91,11 @@ class StorageSCP:
         settings: Settings,
         store: InstanceStore,
         on_stored: StoredCallback | None = None,
+        extra_handlers: Sequence[tuple[Any, Callable[[Event], None]]] = (),
     ) -> None:
         self.settings = settings
+        # more notification handlers (the audit trail, dicom_node.audit.DicomAudit)
+        self.extra_handlers = list(extra_handlers)
         self.store = store
         self.on_stored = on_stored
         self.ae = AE(ae_title=settings.ae_title)
@@ -107,6 +110,11 @@ class StorageSCP:
         )
         for sop_class in STORAGE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        # every other storage class (CT, SR, KOS ...) is stored too, and never analysed
+        for context in AllStoragePresentationContexts:
+            other = context.abstract_syntax
+            if other is not None and other not in STORAGE_SOP_CLASSES:
+                self.ae.add_supported_context(other, TRANSFER_SYNTAXES)
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -121,6 +129,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, _log_association("accepted")),
             (evt.EVT_REJECTED, _log_association("rejected")),
+            *self.extra_handlers,
         ]
         # pynetdicom's start_server(block=False), with our server class: IP allow-list and a
         # TLS handshake per connection thread (dicom_node.security)
@@ -163,7 +172,8 @@ class StorageSCP:
                 str(request.AffectedSOPInstanceUID),
             )
             transfer_syntax = str(event.context.transfer_syntax)
-            check_pixel_data(dataset, transfer_syntax, self.settings.max_frame_pixels)
+            if identity.sop_class_uid in STORAGE_SOP_CLASSES or "PixelData" in dataset:
+                check_pixel_data(dataset, transfer_syntax, self.settings.max_frame_pixels)
         except InvalidInstance as exc:
             log.warning(
                 "refused instance %s from %s: %s (0x%04X)",

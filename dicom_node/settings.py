@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +29,13 @@ from pydantic_settings import (
 CONFIG_ENV = "BREASTCAD_CONFIG"
 
 
+ResultObject = Literal["sr", "sc", "seg"]
+
+
+def _default_objects() -> list[ResultObject]:
+    return ["sr", "sc"]
+
+
 class Destination(BaseModel):
     """A DICOM peer that receives results by C-STORE."""
 
@@ -43,6 +50,8 @@ class Destination(BaseModel):
     tls_ca_certificates: Path | None = None
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
+    # which result objects it receives: the SR, the heatmap SCs, the heatmap Segmentations
+    objects: list[ResultObject] = Field(default_factory=_default_objects, min_length=1)
 
 
 class DicomwebDestination(BaseModel):
@@ -53,6 +62,21 @@ class DicomwebDestination(BaseModel):
     # the service root, e.g. http://pacs:8042/dicom-web
     dicomweb: str = Field(pattern=r"^https?://\S+$")
     timeout_seconds: float = Field(default=60.0, gt=0)
+    # which result objects it receives: the SR, the heatmap SCs, the heatmap Segmentations
+    objects: list[ResultObject] = Field(default_factory=_default_objects, min_length=1)
+
+
+class FhirEndpoint(BaseModel):
+    """A FHIR server that receives every result's DiagnosticReport by HTTP POST."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://\S+$", description="FHIR base URL")
+    bearer_token: str | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    # the node's API as the FHIR server can reach it (the report's links to the SR and
+    # heatmaps); default http://<api_host>:<api_port>
+    node_base_url: str | None = None
 
 
 class RouteCondition(BaseModel):
@@ -141,16 +165,39 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=1, ge=1)
     torch_threads: int = Field(default=2, ge=1)
     log_level: str = "INFO"
+    # "json": one JSON object per log line (time, level, logger, message, UIDs); "text": plain
+    log_format: Literal["text", "json"] = "text"
     # a result whose suspicion (probability of malignancy) is at least this is flagged priority
     # (API, worklist, SR triage finding); null = never
     priority_threshold: float | None = Field(default=0.5, ge=0, le=1)
+    # series of other modalities (CT, SR, KO, PR ...) are stored but never analysed: their
+    # series gets a job row ended at once with the reason, and a log line
+    analysed_modalities: list[str] = Field(default_factory=lambda: ["MG", "SM", "US"])
+    # mammography: a series is complete as soon as it holds the four screening views (L/R x
+    # CC/MLO) ("four_views"), else after series_quiet_seconds like any series ("quiet_period")
+    mammo_view_set: Literal["four_views", "quiet_period"] = "four_views"
+    # mammograms are analysed (and their heatmap SC made) at most this many pixels on the
+    # longer side (scaled down with a box filter); null = full size
+    mg_max_side: int | None = Field(default=2048, ge=256)
+    # multi-frame ultrasound: at most this many evenly spaced frames are analysed per instance
+    us_max_frames: int = Field(default=16, ge=1)
+    # further directories of model cards (+ weights), searched before the bundled models
+    model_dirs: list[Path] = Field(default_factory=lambda: [])
     # the upload page's POST /analyse refuses larger files (413)
     upload_max_bytes: int = Field(default=200_000_000, ge=1)
     # a STOW-RS request body (held in memory while it is stored) larger than this is refused (413)
     stow_max_bytes: int = Field(default=1_000_000_000, ge=1)
+    # optional FHIR server receiving each DiagnosticReport (POST, retried like deliveries)
+    fhir_endpoint: FhirEndpoint | None = None
+    # how many similar past cases (nearest embeddings of other studies) the SR lists; 0 = none
+    similar_cases_in_sr: int = Field(default=5, ge=0, le=50)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> Settings:
+        reserved = [name for name in self.destinations if name.startswith("@")]
+        if reserved:
+            raise ValueError(f"destination names starting with '@' are reserved (the FHIR "
+                             f"push is '@fhir'): {reserved}")
         for route in self.routes:
             unknown = [name for name in route.send_to if name not in self.destinations]
             if unknown:
@@ -159,6 +206,11 @@ class Settings(BaseSettings):
                     f"configured destinations: {sorted(self.destinations)}"
                 )
         return self
+
+    @field_validator("analysed_modalities")
+    @classmethod
+    def _upper_modalities(cls, value: list[str]) -> list[str]:
+        return [item.strip().upper() for item in value if item.strip()]
 
     @model_validator(mode="after")
     def _tls_files_complete(self) -> Settings:

@@ -4,7 +4,12 @@
 shows it: decode (native, RLE, JPEG incl. YBR_FULL_422, JPEG-LS, JPEG 2000 through pydicom's pixel
 handlers), then for grayscale the Modality LUT / rescale, the VOI LUT or the first Window
 Center/Width (else a min-max stretch), MONOCHROME1 inverted; PALETTE COLOR through its lookup
-tables; YBR converted to RGB.
+tables; YBR converted to RGB. A For Processing X-ray image without VOI is shown from its
+PixelIntensityRelationship (log of linear values, polarity from its sign).
+
+Also here: what the attributes say about an image's place and orientation (``image_laterality``,
+``view_position``, ``mammo_flips``), the tissue region of an ultrasound image
+(``ultrasound_region``) and the frames to analyse of a multi-frame image (``frame_indices``).
 """
 
 from __future__ import annotations
@@ -80,6 +85,38 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     if function == "LINEAR_EXACT":
         return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _for_processing_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """A For Processing X-ray image without VOI -> 0..1 with dense tissue bright; None if the
+    image is not one or does not say how its values relate to the beam intensity.
+
+    Raw detector values linear in the X-ray intensity (PixelIntensityRelationship LIN) are taken
+    to the log, reversed (attenuation is exponential in tissue thickness and density, so dense
+    tissue gets little intensity); with PixelIntensityRelationshipSign -1 (higher value, less
+    intensity) the intensity is 2^BitsStored - 1 - value. LOG values are reversed when the sign
+    is +1. Then min-max to 0..1. This is what a viewer's
+    default presentation of raw data would be, not the vendor's image processing (equalisation,
+    unsharp masking), which For Processing images have not had.
+    """
+    intent = str(ds.get("PresentationIntentType") or "").strip().upper()
+    relationship = str(ds.get("PixelIntensityRelationship") or "").strip().upper()
+    sign = ds.get("PixelIntensityRelationshipSign")
+    if intent != "FOR PROCESSING" or relationship not in ("LIN", "LOG") or sign in (None, ""):
+        return None
+    more_is_brighter_beam = int(sign) == 1
+    if relationship == "LIN":
+        if not more_is_brighter_beam:  # linear, falling: intensity is the distance to the top
+            values = float(2 ** int(ds.get("BitsStored", 16) or 16) - 1) - values
+        return _stretch(-np.log(np.maximum(values, 1.0)))
+    return _stretch(-values if more_is_brighter_beam else values)
+
+
+def _has_voi(ds: Dataset) -> bool:
+    sequence = ds.get("VOILUTSequence")
+    if sequence and np.asarray(sequence[0].get("LUTData", [])).size:
+        return True
+    return ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, "")
 
 
 def _grayscale_to_unit(frame: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -179,9 +216,15 @@ def image_from_dataset(ds: Dataset, frame: int = 0) -> np.ndarray:
                 color = convert_color_space(color, photometric, "RGB")
             result = _color_to_uint8(color, bits)
         elif array.ndim == 2:
-            unit = _grayscale_to_unit(array, ds)
-            if photometric == "MONOCHROME1":
-                unit = 1.0 - unit
+            raw = None if _has_voi(ds) else _for_processing_to_unit(
+                np.asarray(apply_modality_lut(array, ds), dtype=np.float64), ds
+            )
+            if raw is not None:
+                unit = raw  # polarity from PixelIntensityRelationshipSign, not photometric
+            else:
+                unit = _grayscale_to_unit(array, ds)
+                if photometric == "MONOCHROME1":
+                    unit = 1.0 - unit
             gray = _to_uint8(unit)
             result = np.repeat(gray[..., None], 3, axis=2)
         else:
@@ -236,3 +279,135 @@ def _image_from_dicom_file(path: Path, frame: int) -> np.ndarray:
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read DICOM file {path}: {exc}") from exc
     return image_from_dataset(ds, frame)
+
+
+# -- where the image is and how it is oriented ------------------------------------------------
+
+# ViewCodeSequence codes (CID 4014) of the two screening views, SNOMED CT and the older SRT form.
+_VIEW_CODES = {
+    "399162004": "CC",  # cranio-caudal
+    "R-10242": "CC",
+    "399368009": "MLO",  # medio-lateral oblique
+    "R-10226": "MLO",
+}
+_VIEW_NAMES = frozenset({"CC", "MLO", "ML", "LM", "XCCL", "XCCM", "FB", "SIO", "LMO", "AT"})
+
+
+def image_laterality(ds: Dataset) -> str | None:
+    """'L' or 'R' from ImageLaterality, else Laterality (General Series); None when unknown."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword) or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
+def view_position(ds: Dataset) -> str | None:
+    """The mammography view ('CC', 'MLO', ...) of an image, None when it says none.
+
+    ViewPosition, else the first ViewCodeSequence code, else a view name written into
+    PatientOrientation (CBIS-DDSM's secondary captures do that: PatientOrientation 'CC').
+    """
+    value = str(ds.get("ViewPosition") or "").strip().upper()
+    if value:
+        return value
+    for item in ds.get("ViewCodeSequence") or []:
+        code = _VIEW_CODES.get(str(item.get("CodeValue", "")).strip())
+        if code:
+            return code
+    orientation = ds.get("PatientOrientation")
+    values = [orientation] if isinstance(orientation, str) else list(orientation or [])
+    for raw in values:
+        name = str(raw).strip().upper()
+        if name in _VIEW_NAMES:
+            return name
+    return None
+
+
+def _orientation_pair(ds: Dataset) -> tuple[str, str] | None:
+    value = ds.get("PatientOrientation")
+    raw = [value] if isinstance(value, str) else list(value or [])
+    values = [str(v).strip().upper() for v in raw]
+    if len(values) != 2 or not all(v and set(v) <= set("APRLHF") for v in values):
+        return None
+    return values[0], values[1]
+
+
+def mammo_flips(ds: Dataset) -> tuple[bool, bool] | None:
+    """(flip left-right, flip up-down) that bring a mammogram to the common orientation.
+
+    The common orientation is the way a left breast is hung: chest wall on the left edge, nipple
+    pointing right (columns run anterior), head (MLO) or the lateral side (CC) up. Read from
+    PatientOrientation when it is a valid pair: a row direction containing P means the chest wall
+    is on the right (flip left-right); a column direction containing H means the image is upside
+    down, and for a CC view (column direction L or R) one running towards the breast's own side
+    means the lateral side is down (flip up-down). Without a valid PatientOrientation the image is
+    assumed hung as usual: a right breast (ImageLaterality, else Laterality) is flipped
+    left-right. None when neither says anything (the caller decides from the pixels).
+    """
+    side = image_laterality(ds)
+    pair = _orientation_pair(ds)
+    if pair is None:
+        if side is None:
+            return None
+        return side == "R", False
+    row, column = pair
+    flip_lr = "P" in row and "A" not in row
+    if "H" in column or "F" in column:
+        flip_ud = "H" in column and "F" not in column
+    else:
+        flip_ud = side is not None and side in column
+    return flip_lr, flip_ud
+
+
+def ultrasound_region(ds: Dataset) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right), bottom and right exclusive, of the image's tissue region.
+
+    From SequenceOfUltrasoundRegions: the 2D regions (RegionSpatialFormat 1), tissue ones
+    (RegionDataType 1) preferred, the largest by area (a dual-view image gives its larger half).
+    Region corners are inclusive (PS3.3 C.8.5.5.1). A region overshooting the image (seen in
+    real files: MaxX1 = Columns; a copy cut short at the bottom) is clipped to it when at least
+    half of it lies inside; one lying mostly outside describes other pixels (seen: a downscaled
+    copy keeping its original's regions) and is ignored. None when there is no usable region.
+    """
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows <= 0 or columns <= 0:
+        return None
+    candidates: list[tuple[int, bool, tuple[int, int, int, int]]] = []
+    for item in ds.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if int(item.get("RegionSpatialFormat", 0)) != 1:
+                continue
+            x0 = int(item.RegionLocationMinX0)
+            y0 = int(item.RegionLocationMinY0)
+            x1 = int(item.RegionLocationMaxX1)
+            y1 = int(item.RegionLocationMaxY1)
+            tissue = int(item.get("RegionDataType", 0)) == 1
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if x0 < 0 or y0 < 0 or x1 < x0 or y1 < y0:
+            continue
+        box = (y0, x0, min(y1 + 1, rows), min(x1 + 1, columns))
+        inside = max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+        if inside < 0.5 * (y1 - y0 + 1) * (x1 - x0 + 1):
+            continue  # mostly outside the image: it describes other pixels (a resized copy)
+        if box[2] - box[0] < 16 or box[3] - box[1] < 16:
+            continue
+        candidates.append(((box[2] - box[0]) * (box[3] - box[1]), tissue, box))
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: (c[1], c[0]))[2]
+
+
+def frame_indices(frames: int, cap: int) -> list[int]:
+    """0-based indices of the frames to analyse: all of them, or ``cap`` evenly spaced ones
+    (first and last included)."""
+    if frames <= 0:
+        return []
+    if cap <= 0:
+        raise ValueError(f"the frame cap must be positive, not {cap}")
+    if frames <= cap:
+        return list(range(frames))
+    if cap == 1:
+        return [0]
+    return sorted({round(i * (frames - 1) / (cap - 1)) for i in range(cap)})

@@ -629,7 +629,11 @@ def train(
                 "class_imbalance": "class-weighted loss (weights below), no resampling",
                 "class_weights": dict(zip(labels, [round(float(w), 4) for w in class_weights],
                                           strict=True)),
-                "augmentation": recipe.augment_kind + " (inference.transforms.augment_transform)",
+                "augmentation": recipe.augment_kind + (
+                    " (inference.transforms.BatchHistologyAugment)"
+                    if recipe.augment_kind == "histopathology"
+                    else " (inference.transforms.augment_transform)"
+                ),
                 "batch_size": batch_size,
                 "ema_decay": 0.98,
                 "epochs_run": len(history),

@@ -100,6 +100,17 @@ NORMAL_PRIORITY: Code = Code("394848005", "SCT", "Normal priority")
 ASSESSABLE: Code = _private("ASSESSABLE", "Image assessable by the algorithm")
 OOD_SCORE: Code = _private("OODSCORE", "Out-of-distribution score")
 
+# Similar past cases (retrieved by embedding): a container per case in the measurement group,
+# holding the case's Study Instance UID (DCM 110180), its finding and the cosine distance. The
+# finding is named by a private concept, not DCM 121071 "Finding": readers that look for the
+# group's finding must not mistake a past case's for it.
+SIMILAR_CASE: Code = _private("SIMILARCASE", "Similar case")
+STUDY_INSTANCE_UID: Code = codes.DCM.StudyInstanceUID  # DCM 110180
+SIMILAR_CASE_FINDING: Code = _private("SIMFINDING", "Finding of the similar case")
+# The segmented property of the heatmap SEG: where the classifier looked (no standard concept)
+ATTENTION_MAP: Code = _private("ATTNMAP", "AI attention map")
+COSINE_DISTANCE: Code = _private("COSDIST", "Cosine distance of image embeddings")
+
 
 def class_concepts(label: str) -> ClassConcepts:
     """The finding and probability codes of a class label; ValueError for an unknown label."""

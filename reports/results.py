@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset
 
 from inference.prediction import Prediction
 from reports import codes
 from reports._source import check_source, positive_int
 from reports.sc import build_heatmap_sc
-from reports.sr import build_sr
+from reports.seg import build_heatmap_seg, seg_unsupported
+from reports.sr import FindingGroup, SimilarCase, build_sr
 from reports.uids import derive_uid, source_set
 
 SR_SERIES_NUMBER_OFFSET = 7000
 SC_SERIES_NUMBER_OFFSET = 8000
+SEG_SERIES_NUMBER_OFFSET = 9000
 _MAX_IS = 2**31 - 1
 _MAX_LO = 64
 
@@ -27,6 +30,8 @@ class ResultObjects:
 
     sr: Dataset
     heatmaps: list[Dataset]
+    # heatmap Segmentations (FRACTIONAL), one per source image, when asked for (with_seg)
+    segmentations: list[Dataset] = field(default_factory=list)
 
 
 def _result_series_number(source: Dataset, offset: int) -> int:
@@ -101,12 +106,33 @@ def _check_inputs(
             dtype = getattr(image, "dtype", None)
             raise ValueError(f"images[{index}] must be a uint8 (H, W, 3) array, got {dtype} "
                              f"{shape}")
-        # A slide's Rows/Columns are one tile; its display image is a thumbnail of any size.
+        # A slide's Rows/Columns are one tile; its display image is a thumbnail of any size. A
+        # mammogram may be shown scaled down (workers/mammo.py: mg_max_side), keeping its shape.
         if source.Modality != "SM":
-            expected = (source.get("Rows"), source.get("Columns"))
-            if (image.shape[0], image.shape[1]) != expected:
+            expected = (int(source.get("Rows") or 0), int(source.get("Columns") or 0))
+            shape = (int(image.shape[0]), int(image.shape[1]))
+            if shape != expected and not (source.Modality == "MG" and _scaled_down(shape,
+                                                                                   expected)):
                 raise ValueError(f"images[{index}] is {image.shape[0]}x{image.shape[1]}, "
                                  f"its source is {expected[0]}x{expected[1]} (Rows x Columns)")
+
+
+def _at_source_size(prediction: Prediction, source: Dataset) -> Prediction:
+    """``prediction`` with its heatmap resampled (bilinear) to the source's Rows x Columns (a
+    mammogram analysed scaled down)."""
+    rows, columns = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    if prediction.heatmap.shape == (rows, columns) or rows <= 0 or columns <= 0:
+        return prediction
+    image = Image.fromarray(np.asarray(prediction.heatmap, dtype=np.float32), mode="F")
+    full = np.asarray(image.resize((columns, rows), Image.Resampling.BILINEAR), np.float32)
+    return replace(prediction, heatmap=np.clip(full, 0.0, 1.0).astype(np.float32))
+
+
+def _scaled_down(shape: tuple[int, int], full: tuple[int, int]) -> bool:
+    """Whether ``shape`` is ``full`` scaled down, its aspect ratio kept (to rounding)."""
+    if not (0 < shape[0] <= full[0] and 0 < shape[1] <= full[1]):
+        return False
+    return abs(shape[0] / full[0] - shape[1] / full[1]) <= 1.0 / min(shape)
 
 
 def _check_predecessor(predecessor: Dataset, first: Dataset, sr_uid: str) -> None:
@@ -132,6 +158,10 @@ def build_results(
     software_version: str,
     priority: bool | None = None,
     predecessor: Dataset | None = None,
+    groups: Sequence[FindingGroup] | None = None,
+    frame_numbers: Sequence[int | None] | None = None,
+    similar_cases: Sequence[SimilarCase] = (),
+    with_seg: bool = False,
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
@@ -148,6 +178,14 @@ def build_results(
     ``priority`` (None: no triage finding) is written into the SR as the triage finding;
     ``predecessor`` is the earlier SR this result supersedes (its Study, Series, SOP Class and
     SOP Instance UIDs are read; it must be of the same study and not the SR built here).
+
+    ``groups`` (e.g. one per breast) replace the SR's single series finding group; a group
+    without a tracking UID gets one derived like the others (role ``sr-tracking-<n>-<side>``).
+    ``frame_numbers[i]`` (1-based) is the frame of a multi-frame ``sources[i]`` that
+    ``images[i]`` shows: the SR's image references and the SC's Source Image Sequence name it.
+    ``similar_cases`` (nearest past cases of other studies) are listed in the SR.
+    ``with_seg`` adds one heatmap Segmentation (FRACTIONAL) per source image that can have one
+    (not slides, not multi-frame images: :func:`reports.seg.seg_unsupported`).
 
     Raises ValueError for inconsistent inputs or a class label or Modality without a code.
     """
@@ -169,6 +207,28 @@ def build_results(
     if predecessor is not None:
         _check_predecessor(predecessor, first, uid("sr-instance"))
 
+    if groups is not None:
+        for group in groups:
+            for index in group.source_indices:
+                if not 0 <= index < len(sources):
+                    raise ValueError(f"a finding group refers to source {index}, outside "
+                                     f"0..{len(sources) - 1}")
+            _check_prediction("a finding group's prediction", group.prediction,
+                              series_prediction)
+        groups = [
+            group if group.tracking_uid
+            else replace(group, tracking_uid=uid(f"sr-tracking-{n}-{group.laterality or 'U'}"))
+            for n, group in enumerate(groups)
+        ]
+    if frame_numbers is not None:
+        if len(frame_numbers) != len(sources):
+            raise ValueError(f"{len(frame_numbers)} frame numbers for {len(sources)} sources")
+        for source, number in zip(sources, frame_numbers, strict=True):
+            frames = positive_int(source.get("NumberOfFrames")) or 1
+            if number is not None and not 1 <= number <= frames:
+                raise ValueError(f"frame number {number} of {source.SOPInstanceUID} is not in "
+                                 f"1..{frames}")
+
     sr = build_sr(
         sources,
         series_prediction,
@@ -182,6 +242,9 @@ def build_results(
         software_version=software_version,
         priority=priority,
         predecessor=predecessor,
+        groups=groups,
+        frame_numbers=frame_numbers,
+        similar_cases=similar_cases,
     )
     sc_series_uid = uid("sc-series")
     sc_series_number = _result_series_number(first, SC_SERIES_NUMBER_OFFSET)
@@ -189,7 +252,7 @@ def build_results(
     for index, (source, image, prediction) in enumerate(
         zip(sources, images, predictions, strict=True)
     ):
-        heatmaps.append(build_heatmap_sc(
+        sc = build_heatmap_sc(
             source,
             image,
             prediction,
@@ -199,5 +262,27 @@ def build_results(
             instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
             manufacturer=manufacturer,
             software_version=software_version,
-        ))
-    return ResultObjects(sr=sr, heatmaps=heatmaps)
+        )
+        number = frame_numbers[index] if frame_numbers is not None else None
+        if number is not None:
+            # the SC shows this frame of its multi-frame source
+            sc.SourceImageSequence[0].ReferencedFrameNumber = int(number)
+        heatmaps.append(sc)
+    segmentations: list[Dataset] = []
+    if with_seg:
+        seg_series_uid = uid("seg-series")
+        seg_series_number = _result_series_number(first, SEG_SERIES_NUMBER_OFFSET)
+        for index, (source, prediction) in enumerate(zip(sources, predictions, strict=True)):
+            if seg_unsupported(source) is not None:
+                continue  # a slide, a multi-frame image: the SR and SC carry the result
+            segmentations.append(build_heatmap_seg(
+                source,
+                _at_source_size(prediction, source),
+                series_instance_uid=seg_series_uid,
+                series_number=seg_series_number,
+                sop_instance_uid=uid(f"seg-instance-{source.SOPInstanceUID}"),
+                instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
+                manufacturer=manufacturer,
+                software_version=software_version,
+            ))
+    return ResultObjects(sr=sr, heatmaps=heatmaps, segmentations=segmentations)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,10 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from dicom_node import similar
+from dicom_node.api import report_facts
 from dicom_node.db import (
+    CaseEmbedding,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -33,9 +36,11 @@ from dicom_node.db import (
     Result,
     Series,
     StateDB,
+    Study,
     changed_rows,
     utcnow,
 )
+from dicom_node.fhir_push import FHIR_DESTINATION, FhirPushError, push_report
 from dicom_node.scu import DeliveryError, send_files
 from dicom_node.settings import DicomwebDestination, Settings
 from dicom_node.stow_client import stow_files
@@ -43,12 +48,28 @@ from inference import (
     Classifier,
     ModelNotAvailableError,
     Prediction,
-    image_from_dataset,
     load_bundled,
+    number_of_frames,
 )
+from inference.dicom_pixels import image_laterality
 from reports import build_results, overlay_png
+from reports.fhir import diagnostic_report
+from reports.sr import SimilarCase
 from reports.triage import is_priority, suspicion
+from workers import mammo, ultrasound
+from workers.analysis import (
+    ImageAnalysis,
+    PipelineError,
+    Predictor,
+    SeriesAnalysis,
+    aggregate,
+    analyse_generic,
+)
 from workers.routing import ResultFacts, route
+from workers.slide import SlidePipelineError, analyse_slide_series
+
+__all__ = ["AnalysisFailed", "WorkerContext", "aggregate", "analyse", "analyse_instance", "deliver",
+           "run_pipeline"]
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -73,10 +94,20 @@ class WorkerContext:
         self._lock = threading.Lock()
 
     def classifier(self, modality: str) -> Classifier:
+        """The model of ``modality``: from the first of ``model_dirs`` that has one, else the
+        bundled one; ModelNotAvailableError when there is none."""
         with self._lock:
             if modality not in self._models:
-                self._models[modality] = load_bundled(modality)
+                self._models[modality] = self._load(modality)
             return self._models[modality]
+
+    def _load(self, modality: str) -> Classifier:
+        for directory in self.settings.model_dirs:
+            try:
+                return load_bundled(modality, directory)
+            except ModelNotAvailableError:
+                continue
+        return load_bundled(modality)
 
 
 # -- analysis -------------------------------------------------------------------------------
@@ -192,7 +223,8 @@ def _load_datasets(
     for row in rows:
         path = ctx.settings.store_dir / row.path
         try:
-            datasets.append(dcmread(path))
+            # pixel data is read when decoded (a whole-slide pyramid is never loaded whole)
+            datasets.append(dcmread(path, defer_size="1 MB"))
         except (OSError, InvalidDicomError) as exc:
             raise AnalysisFailed(
                 f"cannot read stored instance {row.sop_instance_uid}: {exc}"
@@ -236,60 +268,87 @@ def _predecessor(
     return previous.id, reference
 
 
-def aggregate(predictions: Sequence[Prediction]) -> Prediction:
-    """The series finding: mean class probabilities; the heatmap of its most confident image."""
-    if len(predictions) == 1:
-        return predictions[0]
-    first = predictions[0]
-    mean = {
-        label: float(np.mean([p.probabilities[label] for p in predictions]))
-        for label in first.labels
-    }
-    label = max(mean, key=lambda name: mean[name])
-    best = max(predictions, key=lambda p: p.probabilities[label])
-    return Prediction(
-        modality=first.modality,
-        label=label,
-        labels=first.labels,
-        probabilities=mean,
-        model_name=first.model_name,
-        model_version=first.model_version,
-        model_sha256=first.model_sha256,
-        heatmap=best.heatmap,
-        embedding=np.mean([p.embedding for p in predictions], axis=0).astype(np.float32),
-        ood_score=max((p.ood_score for p in predictions if p.ood_score is not None), default=None),
-        not_assessable=all(p.not_assessable for p in predictions),
-    )
-
-
 def _laterality(ds: Dataset) -> str | None:
     """'L' or 'R' from ImageLaterality, else Laterality; None when unknown."""
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(ds.get(keyword) or "").strip().upper()
-        if value in ("L", "R"):
-            return value
-    return None
+    return image_laterality(ds)
+
+
+def run_pipeline(
+    ctx: WorkerContext, modality: str, datasets: Sequence[Dataset], classifier: Predictor
+) -> SeriesAnalysis:
+    """The modality's pipeline (one branch per modality; the generic one for the rest)."""
+    if modality == "MG":
+        return mammo.analyse_series(datasets, classifier, ctx.settings.mg_max_side)
+    if modality == "US":
+        return ultrasound.analyse_series(datasets, classifier, ctx.settings.us_max_frames)
+    return analyse_generic(datasets, classifier)
+
+
+def analyse_instance(
+    ds: Dataset, classifier: Predictor, us_max_frames: int, mg_max_side: int | None = None
+) -> ImageAnalysis:
+    """One instance through its modality's per-image pipeline (``breastcad predict``); raises
+    PipelineError with the reason."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality == "MG":
+        return mammo.analyse_instance(ds, classifier, mg_max_side)
+    if modality == "US":
+        return ultrasound.analyse_instance(ds, classifier, us_max_frames)
+    return analyse_generic([ds], classifier).analyses[0]
+
+
+def _images_only(datasets: list[Dataset], paths: list[str]) -> tuple[list[Dataset], list[str]]:
+    """The instances with pixel data; the others (a KOS or an SR filed in an image series) are
+    stored, logged and left out."""
+    kept = [(ds, path) for ds, path in zip(datasets, paths, strict=True) if number_of_frames(ds)]
+    for ds in datasets:
+        if not number_of_frames(ds):
+            log.info("instance %s (SOP class %s) has no pixel data: not analysed",
+                     ds.get("SOPInstanceUID"), ds.get("SOPClassUID"))
+    if not kept:
+        classes = sorted({str(ds.get("SOPClassUID")) for ds in datasets})
+        raise AnalysisFailed(
+            f"the series holds no image (no PixelData in its {len(datasets)} instance(s) of "
+            f"SOP class {', '.join(classes)}): nothing to analyse"
+        )
+    return [ds for ds, _ in kept], [path for _, path in kept]
 
 
 def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
     datasets, series, source_paths = _load_datasets(ctx, job.series_instance_uid)
     modality = str(datasets[0].get("Modality", "")).strip() or (series.modality or "")
+    if modality.upper() not in ctx.settings.analysed_modalities:
+        raise AnalysisFailed(
+            f"Modality {modality!r} has no analysis pipeline (analysed: "
+            f"{', '.join(ctx.settings.analysed_modalities)}): stored, not analysed"
+        )
+    datasets, source_paths = _images_only(datasets, source_paths)
     try:
         classifier = ctx.classifier(modality)
     except ModelNotAvailableError as exc:
         raise AnalysisFailed(str(exc)) from exc
-    images: list[np.ndarray] = []
-    for ds in datasets:
-        try:
-            images.append(image_from_dataset(ds, frame=0))
-        except ValueError as exc:
-            raise AnalysisFailed(
-                f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"
-            ) from exc
     started = time.perf_counter()
-    predictions = [classifier.predict(image) for image in images]
+    if modality.upper() == "SM":  # whole slides: the pyramid is read region by region
+        try:
+            slide = analyse_slide_series(datasets, classifier)
+        except SlidePipelineError as exc:
+            raise AnalysisFailed(str(exc)) from exc
+        datasets = [slide.source]
+        analysis = SeriesAnalysis(
+            analyses=[ImageAnalysis(source=slide.source, image=slide.image,
+                                    prediction=slide.prediction)],
+            series_prediction=slide.prediction,
+        )
+    else:
+        try:
+            analysis = run_pipeline(ctx, modality, datasets, classifier)
+        except PipelineError as exc:
+            raise AnalysisFailed(str(exc)) from exc
     inference_seconds = time.perf_counter() - started
-    series_prediction = aggregate(predictions)
+    series_prediction = analysis.series_prediction
+    images = [a.image for a in analysis.analyses]
+    predictions = [a.prediction for a in analysis.analyses]
+    frame_numbers = [a.frame_number for a in analysis.analyses]
     suspicious = suspicion(series_prediction.probabilities)
     priority = is_priority(suspicious, ctx.settings.priority_threshold)
     predecessor = _predecessor(
@@ -298,6 +357,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         {str(ds.SOPInstanceUID) for ds in datasets},
         series_prediction,
     )
+    similar_cases = _similar_cases(ctx, datasets[0], predictions)
     objects = build_results(
         datasets,
         images,
@@ -306,6 +366,10 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         software_version=SOFTWARE_VERSION,
         priority=priority,
         predecessor=predecessor[1] if predecessor is not None else None,
+        groups=analysis.groups,
+        frame_numbers=frame_numbers if any(n is not None for n in frame_numbers) else None,
+        similar_cases=similar_cases,
+        with_seg=_wants_seg(ctx, modality),
     )
     folder = Path(f"job-{job.id}")
     out = ctx.settings.results_dir / folder
@@ -323,6 +387,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
         (ctx.settings.results_dir / png_name).write_bytes(overlay_png(image, prediction))
         sc_names.append(str(sc_name))
         png_names.append(str(png_name))
+    seg_names = _save_segmentations(ctx, folder, objects.segmentations)
 
     facts = ResultFacts(
         modality=modality,
@@ -357,20 +422,25 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                 # the analysed instances, relative to the instance store (forward_source)
                 "sources": source_paths,
                 "sc": sc_names,
+                "seg": seg_names,
                 "png": png_names,
                 "per_image": [
                     {
-                        "sop_instance_uid": str(ds.SOPInstanceUID),
-                        "label": p.label,
-                        "probabilities": dict(p.probabilities),
-                        "laterality": _laterality(ds),
+                        "sop_instance_uid": str(a.source.SOPInstanceUID),
+                        "label": a.prediction.label,
+                        "probabilities": dict(a.prediction.probabilities),
+                        "laterality": _laterality(a.source),
+                        "frame_number": a.frame_number,
+                        **a.details,
                     }
-                    for ds, p in zip(datasets, predictions, strict=True)
+                    for a in analysis.analyses
                 ],
+                "groups": analysis.group_details,
             },
         )
         session.add(result)
         session.flush()
+        session.add_all(_embedding_rows(result, datasets, predictions))
         deliveries = [
             Delivery(
                 result_id=result.id,
@@ -382,6 +452,8 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             )
             for name in decision.destinations
         ]
+        if ctx.settings.fhir_endpoint is not None:
+            deliveries.append(_fhir_delivery(result.id, now))
         session.add_all(deliveries)
         session.flush()
         session.execute(
@@ -390,6 +462,109 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
             .values(state=JobState.DONE, reason=None, finished_at=now)
         )
         return result.id, [d.id for d in deliveries]
+
+
+def _fhir_delivery(result_id: int, now: datetime) -> Delivery:
+    """The delivery row of the FHIR push of a result (retried like a DICOM delivery)."""
+    return Delivery(
+        result_id=result_id,
+        destination=FHIR_DESTINATION,
+        forward_source=False,
+        state=DeliveryState.PENDING,
+        next_attempt_at=now,
+        dispatched_at=now,
+    )
+
+
+def _push_fhir(ctx: WorkerContext, result: Result) -> str | None:
+    """POST the result's DiagnosticReport to the FHIR endpoint; the error, or None."""
+    endpoint = ctx.settings.fhir_endpoint
+    if endpoint is None:
+        return "the FHIR endpoint is no longer configured"
+    with ctx.db.session() as session:
+        study = session.get(Study, result.study_instance_uid)
+    base = endpoint.node_base_url or f"http://{ctx.settings.api_host}:{ctx.settings.api_port}"
+    report = diagnostic_report(report_facts(result, study, base.rstrip("/")))
+    try:
+        location = push_report(endpoint, report)
+    except FhirPushError as exc:
+        return str(exc)
+    log.info("result %d: DiagnosticReport pushed to the FHIR server (%s)", result.id,
+             location or "no Location")
+    return None
+
+
+def _wants_seg(ctx: WorkerContext, modality: str) -> bool:
+    """Build heatmap Segmentations when a destination takes them (not for slides)."""
+    return modality != "SM" and any(
+        "seg" in destination.objects for destination in ctx.settings.destinations.values()
+    )
+
+
+def _save_segmentations(
+    ctx: WorkerContext, folder: Path, segmentations: Sequence[Dataset]
+) -> list[str]:
+    names: list[str] = []
+    for index, seg in enumerate(segmentations, start=1):
+        name = folder / f"seg-{index}.dcm"
+        seg.save_as(ctx.settings.results_dir / name, enforce_file_format=True)
+        names.append(str(name))
+    return names
+
+
+def _result_files(ctx: WorkerContext, result: Result, objects: Sequence[str]) -> list[Path]:
+    """The result's files of the kinds a destination takes (SR first, then SCs, then SEGs)."""
+    names: list[str] = []
+    if "sr" in objects:
+        names.append(result.files["sr"])
+    if "sc" in objects:
+        names += result.files["sc"]
+    if "seg" in objects:
+        if not result.files.get("seg"):
+            log.warning("result %d has no heatmap SEG (made before a destination asked for "
+                        "one, or a slide); sending the rest", result.id)
+        names += result.files.get("seg", [])
+    return [ctx.settings.results_dir / name for name in names]
+
+
+def _similar_cases(
+    ctx: WorkerContext, first: Dataset, predictions: Sequence[Prediction]
+) -> list[SimilarCase]:
+    """The nearest past cases of other studies (same model) that the SR lists."""
+    if ctx.settings.similar_cases_in_sr == 0:
+        return []
+    try:
+        query = similar.query_vector(p.embedding for p in predictions)
+    except ValueError as exc:
+        log.warning("no similar cases for series %s: %s", first.SeriesInstanceUID, exc)
+        return []
+    key = similar.model_key(predictions[0].model_name, predictions[0].model_sha256)
+    found = similar.nearest(
+        ctx.db, query, key, k=ctx.settings.similar_cases_in_sr,
+        exclude_study=str(first.StudyInstanceUID),
+    )
+    return [SimilarCase(n.study_instance_uid, n.label, n.distance) for n in found]
+
+
+def _embedding_rows(
+    result: Result, datasets: Sequence[Dataset], predictions: Sequence[Prediction]
+) -> list[CaseEmbedding]:
+    """The analysed images' embeddings for the similar-case index (images with a usable one)."""
+    images = [
+        (index, str(ds.SOPInstanceUID), p.label, p.embedding)
+        for index, (ds, p) in enumerate(zip(datasets, predictions, strict=True), start=1)
+    ]
+    usable = [image for image in images if np.all(np.isfinite(image[3])) and np.any(image[3])]
+    if len(usable) != len(images):
+        log.warning("result %d: %d image(s) without a usable embedding are not indexed",
+                    result.id, len(images) - len(usable))
+    return similar.embedding_rows(
+        result_id=result.id,
+        study_instance_uid=result.study_instance_uid,
+        series_instance_uid=result.series_instance_uid,
+        images=usable,
+        key=similar.model_key(result.model_name, result.model_sha256),
+    )
 
 
 # -- delivery -------------------------------------------------------------------------------
@@ -416,21 +591,28 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
     assert result is not None
     destination = ctx.settings.destinations.get(delivery.destination)
     error: str | None = None
-    if destination is None:
+    gone = False  # the destination is no longer configured: no retry can help
+    if delivery.destination == FHIR_DESTINATION:
+        gone = ctx.settings.fhir_endpoint is None
+        error = _push_fhir(ctx, result)
+    elif destination is None:
+        gone = True
         error = f"destination {delivery.destination!r} is no longer configured"
     else:
         files: list[Path] = []
         if delivery.forward_source:
             # the sources first, so a PACS holds the images before the results that refer to them
             files += [ctx.settings.store_dir / name for name in result.files.get("sources", [])]
-        files += [ctx.settings.results_dir / result.files["sr"]] + [
-            ctx.settings.results_dir / name for name in result.files["sc"]
-        ]
+        files += _result_files(ctx, result, destination.objects)
+        if not files:
+            error = (f"result {result.id} has none of the objects {delivery.destination!r} "
+                     f"takes ({', '.join(destination.objects)})")
         try:
-            if isinstance(destination, DicomwebDestination):
-                stow_files(destination, files)
-            else:
-                send_files(destination, files, calling_ae=ctx.settings.ae_title)
+            if error is None:
+                if isinstance(destination, DicomwebDestination):
+                    stow_files(destination, files)
+                else:
+                    send_files(destination, files, calling_ae=ctx.settings.ae_title)
         except (DeliveryError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     finished = utcnow()
@@ -446,7 +628,7 @@ def deliver(ctx: WorkerContext, delivery_id: int) -> str:
         current.last_error = error
         if error is None:
             current.state = DeliveryState.DONE
-        elif destination is None or current.attempts >= ctx.settings.delivery_max_attempts:
+        elif gone or current.attempts >= ctx.settings.delivery_max_attempts:
             current.state = DeliveryState.FAILED
             log.error(
                 "delivery %d to %s failed for good: %s", delivery_id, current.destination, error

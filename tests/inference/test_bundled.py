@@ -20,12 +20,13 @@ from inference.card import sha256_file
 REQUIRED_CARD_KEYS = (
     "name", "version", "modality", "architecture", "parameters", "input_size", "in_channels",
     "labels", "preprocessing", "training_data", "split", "metrics", "sha256", "date", "machine",
+    "ood",
 )
 
 
-def test_there_is_an_ultrasound_model() -> None:
+def test_ultrasound_and_pathology_models_are_bundled() -> None:
     cards = bundled_cards()
-    assert "US" in {card.modality for card in cards}
+    assert {"US", "SM"} <= {card.modality for card in cards}
 
 
 @pytest.mark.parametrize("card", bundled_cards(), ids=lambda card: card.name)
@@ -34,8 +35,10 @@ def test_every_bundled_model_loads_and_matches_its_card(card: ModelCard) -> None
         assert key in card.data, f"card {card.name} lacks {key}"
     assert card.weights_path is not None and card.weights_path.is_file()
     assert sha256_file(card.weights_path) == card.sha256
+    assert card.ood_path is not None and sha256_file(card.ood_path) == card.ood["sha256"]
     assert card.weights_path.stat().st_size < 10_000_000
     classifier = Classifier.from_card(card)
+    assert classifier.ood_scorer is not None
     parameters = sum(p.numel() for p in classifier.module.parameters())
     assert parameters == card.data["parameters"]
     test = card.data["metrics"]["test"]
@@ -48,12 +51,19 @@ def test_load_bundled_us() -> None:
     assert classifier.card.labels == ("normal", "benign", "malignant")
 
 
-@pytest.mark.parametrize("modality", ["MG", "SM", "CT"])
+def test_load_bundled_sm() -> None:
+    classifier = load_bundled("SM")
+    assert classifier.labels == ("non_idc", "idc")
+    assert classifier.card.in_channels == 3 and classifier.card.input_size == 50
+
+
+@pytest.mark.parametrize("modality", ["CT", "XA"])
 def test_missing_modality_raises(modality: str) -> None:
     with pytest.raises(ModelNotAvailableError) as info:
         load_bundled(modality)
     assert isinstance(info.value, LookupError)
-    assert str(info.value) == f"no bundled model for modality '{modality}' yet (bundled: US)"
+    have = ", ".join(sorted({card.modality for card in bundled_cards()}))
+    assert str(info.value) == f"no bundled model for modality '{modality}' yet (bundled: {have})"
     assert info.value.modality == modality
 
 

@@ -203,3 +203,135 @@ def make_us_series(
         )
         paths.append(write_dataset(ds, out / f"US_{number:04d}.dcm"))
     return paths
+
+
+# -- mammography (mini-MIAS) ---------------------------------------------------------------------
+
+MG_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.2.1"
+# PatientOrientation of each view as hung in a reading room (PS3.3 C.8.11.7 examples)
+MG_ORIENTATION: dict[tuple[str, str], list[str]] = {
+    ("L", "CC"): ["A", "R"],
+    ("R", "CC"): ["P", "L"],
+    ("L", "MLO"): ["A", "F"],
+    ("R", "MLO"): ["P", "F"],
+}
+_VIEW_CODE = {
+    "CC": ("399162004", "cranio-caudal"),
+    "MLO": ("399368009", "medio-lateral oblique"),
+}
+
+
+def mias_as_mammogram(
+    png_path: str | Path,
+    *,
+    side: Literal["L", "R"],
+    view: Literal["CC", "MLO"],
+    patient_id: str,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    instance_number: int = 1,
+    patient_name: str | None = None,
+    specific_character_set: str = "ISO_IR 100",
+    flip_left_right: bool = False,
+) -> Dataset:
+    """A mini-MIAS PNG as Digital Mammography X-Ray Image Storage - For Presentation.
+
+    mini-MIAS images are 1024x1024, 8-bit, 200 micron pixels, hung as read (a right breast with
+    its chest wall on the right). The values are stored 12-bit (x16) with a window over the whole
+    range; ImageLaterality, ViewPosition, ViewCodeSequence and PatientOrientation (as hung,
+    :data:`MG_ORIENTATION`) say which breast and view it is. ``flip_left_right`` mirrors the
+    pixels (to hang an image of one side as the other).
+    """
+    with Image.open(png_path) as im:
+        gray = np.asarray(im.convert("L"), dtype=np.uint16)
+    if flip_left_right:
+        gray = gray[:, ::-1]
+    pixels = np.ascontiguousarray(gray * 16)
+    when = dt.datetime.now().replace(microsecond=0)
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    ds = Dataset()
+    ds.SpecificCharacterSet = specific_character_set
+    ds.SOPClassUID = MG_PRESENTATION_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    ds.PatientName = patient_name if patient_name is not None else f"MIAS^{patient_id}"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = study_instance_uid
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = _default_accession(study_instance_uid)
+    ds.StudyDescription = "MAMMOGRAPHY SCREENING"
+    ds.Modality = "MG"
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = "mini-MIAS screening views"
+    ds.BodyPartExamined = "BREAST"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Manufacturer = "breastcad test factory"
+    ds.ManufacturerModelName = "mini-MIAS PNG wrapper"
+    ds.SoftwareVersions = "1"
+    ds.InstanceNumber = instance_number
+    ds.PatientOrientation = MG_ORIENTATION[(side, view)]
+    ds.ContentDate = date
+    ds.ContentTime = time
+    ds.AcquisitionDate = date
+    ds.AcquisitionTime = time
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.DerivationDescription = "digitised screen-film mammogram (mini-MIAS)"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.ImageLaterality = side
+    # what Hologic and others write (dciodvfy warns: MLO/CC are not DX's defined terms)
+    ds.ViewPosition = view
+    code, meaning = _VIEW_CODE[view]
+    view_code = Dataset()
+    view_code.CodeValue = code
+    view_code.CodingSchemeDesignator = "SCT"
+    view_code.CodeMeaning = meaning
+    view_code.ViewModifierCodeSequence = []
+    ds.ViewCodeSequence = [view_code]
+    region = Dataset()
+    region.CodeValue = "76752008"
+    region.CodingSchemeDesignator = "SCT"
+    region.CodeMeaning = "Breast"
+    ds.AnatomicRegionSequence = [region]
+    ds.AcquisitionContextSequence = []
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.OrganExposed = "BREAST"
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.PixelSpacing = [0.2, 0.2]
+    ds.DetectorType = "FILM"
+    ds.KVP = ""
+    ds.ExposureTime = ""
+    ds.XRayTubeCurrent = ""
+    ds.Exposure = ""
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "BREASTCAD_TEST"
+    ds.file_meta = meta
+    return ds

@@ -1,0 +1,319 @@
+"""Whole-slide analysis: tissue -> tiles at the patch model's spacing -> tile map + slide result.
+
+Spacing. The IDC patches the SM patch model learns from are 50 x 50 pixels cut from slides
+scanned at 40x (about 0.25 µm/pixel) and downsampled 16:1 to an apparent 2.5x, i.e. about
+4 µm/pixel (Cruz-Roa et al. 2014; Janowczyk & Madabhushi 2016): each patch covers
+200 x 200 µm of tissue. So slides are tiled into 200 µm squares read at 4 µm/pixel
+(``ANALYSIS_MPP``): from the coarsest pyramid level no coarser than 4 µm/pixel (up to 25% coarser
+is accepted), each tile resized to 50 x 50 pixels when that level is not exactly 4 µm/pixel.
+
+Streaming. Tissue is found on a low-resolution image (``TISSUE_MPP`` = 50 µm/pixel, 4 x 4 pixels
+per tile). The tissue tiles are then read block by block (``block_tiles`` x ``block_tiles`` tiles
+per wsidicom read), classified in batches, and reduced at once into the tile-probability grid
+(one float per tile) and the attention pool; neither the level nor the tiles' embeddings are
+ever held whole.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+
+from inference.classifier import Classifier
+from inference.wsi.aggregator import SlideAggregator
+from inference.wsi.slide import PyramidLevel, SlideError, WholeSlide
+from inference.wsi.tissue import tissue_mask
+
+ANALYSIS_MPP = 4.0
+TILE_PIXELS = 50
+TILE_UM = ANALYSIS_MPP * TILE_PIXELS
+TISSUE_MPP = TILE_UM / 4.0
+POSITIVE_LABELS = ("idc", "malignant", "tumour", "tumor")
+TOP_K_FRACTION = 0.01
+RULE_NAME = "mean of the top 1% tile probabilities (non-learned rule)"
+
+
+def positive_label(labels: tuple[str, ...]) -> str:
+    """The tumour class of a patch model's labels (``idc``), else its last label."""
+    for label in labels:
+        if label.lower() in POSITIVE_LABELS:
+            return label
+    return labels[-1]
+
+
+@dataclass
+class SlideAnalysis:
+    """What the pipeline found on one slide.
+
+    ``probability_map`` has one value per 200 µm tile (rows x cols of the tile grid), the tumour
+    probability of tissue tiles and NaN elsewhere; ``tissue`` marks the tiles analysed.
+    """
+
+    labels: tuple[str, ...]
+    positive_label: str
+    tile_um: float
+    analysis_mpp: float
+    level: PyramidLevel
+    tissue: npt.NDArray[np.bool_]
+    probability_map: npt.NDArray[np.float32]
+    threshold: float
+    slide_probabilities: dict[str, float]
+    aggregator: str
+    aggregator_version: str | None
+    thumbnail: npt.NDArray[np.uint8]
+    thumbnail_mpp: float
+    saturation_threshold: float
+    embedding: npt.NDArray[np.float32]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tissue_tiles(self) -> int:
+        return int(self.tissue.sum())
+
+    @property
+    def positive_tiles(self) -> int:
+        return int(np.nansum(self.probability_map >= self.threshold))
+
+    @property
+    def positive_fraction(self) -> float:
+        """Tumour-positive tiles / tissue tiles (0 when there is no tissue)."""
+        return self.positive_tiles / self.tissue_tiles if self.tissue_tiles else 0.0
+
+    @property
+    def tile_area_mm2(self) -> float:
+        return (self.tile_um / 1000.0) ** 2
+
+    @property
+    def tissue_area_mm2(self) -> float:
+        return self.tissue_tiles * self.tile_area_mm2
+
+    @property
+    def positive_area_mm2(self) -> float:
+        return self.positive_tiles * self.tile_area_mm2
+
+    @property
+    def positive_mask(self) -> npt.NDArray[np.bool_]:
+        return np.nan_to_num(self.probability_map, nan=0.0) >= self.threshold
+
+    def heatmap(self) -> npt.NDArray[np.float32]:
+        """The tile map at the thumbnail's size (nearest tile), 0 outside tissue."""
+        height, width = self.thumbnail.shape[:2]
+        grid = np.nan_to_num(self.probability_map, nan=0.0).astype(np.float32)
+        # the grid covers whole tiles, which can overhang the slide's right and bottom edges
+        scale = self.tile_um / self.thumbnail_mpp
+        rows = np.minimum((np.arange(height) / scale).astype(int), grid.shape[0] - 1)
+        cols = np.minimum((np.arange(width) / scale).astype(int), grid.shape[1] - 1)
+        return np.ascontiguousarray(grid[rows][:, cols], dtype=np.float32)
+
+
+def _tile_grid(level: PyramidLevel, tile_um: float) -> tuple[int, int, float]:
+    """Rows, cols and the tile side in pixels of ``level``."""
+    side = tile_um / level.mpp
+    rows = max(1, math.ceil(level.height / side - 1e-6))
+    cols = max(1, math.ceil(level.width / side - 1e-6))
+    return rows, cols, side
+
+
+def _tissue_fraction(
+    mask: npt.NDArray[np.bool_], mask_mpp: float, rows: int, cols: int, tile_um: float
+) -> npt.NDArray[np.float32]:
+    """Fraction of each tile covered by the tissue mask."""
+    per_tile = tile_um / mask_mpp
+    height = max(1, int(round(rows * per_tile)))
+    width = max(1, int(round(cols * per_tile)))
+    padded = np.zeros((height, width), dtype=np.float32)
+    h, w = min(height, mask.shape[0]), min(width, mask.shape[1])
+    padded[:h, :w] = mask[:h, :w]
+    image = Image.fromarray(padded, mode="F").resize((cols, rows), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float32)
+
+
+def _blocks(
+    tissue: npt.NDArray[np.bool_], block_tiles: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """Bounding boxes (r0, c0, r1, c1) of the tissue inside each block of the tile grid."""
+    rows, cols = tissue.shape
+    for r in range(0, rows, block_tiles):
+        for c in range(0, cols, block_tiles):
+            sub = tissue[r : r + block_tiles, c : c + block_tiles]
+            if not sub.any():
+                continue
+            rr = np.flatnonzero(sub.any(axis=1))
+            cc = np.flatnonzero(sub.any(axis=0))
+            yield r + int(rr[0]), c + int(cc[0]), r + int(rr[-1]) + 1, c + int(cc[-1]) + 1
+
+
+class TileClassifier:
+    """Tumour probabilities and embeddings of tile batches, without Grad-CAM.
+
+    The same preprocessing, network stages, temperature and test-time augmentation as
+    ``Classifier.predict_batch``, in inference mode (no gradients are needed for a tile map).
+    """
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+        self.positive_index = classifier.labels.index(positive_label(classifier.labels))
+
+    def __call__(
+        self, tiles: list[npt.NDArray[np.uint8]]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+        """Class probabilities (N, C) and embeddings (N, D) of uint8 RGB tiles."""
+        card = self.classifier.card
+        network = self.classifier.network
+        inputs = torch.stack([self.classifier.preprocess(tile) for tile in tiles])
+        count = inputs.shape[0]
+        views = 2 if card.hflip_tta else 1
+        if views == 2:
+            inputs = torch.cat([inputs, torch.flip(inputs, dims=[3])])
+        with torch.inference_mode():
+            embedding = network.embed(network.forward_features(inputs))
+            logits = network.classify(embedding).view(views, count, -1).mean(dim=0)
+            probabilities = torch.softmax(logits / card.temperature, dim=1).double().numpy()
+            embeddings = embedding.view(views, count, -1).mean(dim=0).float().numpy()
+        return probabilities, embeddings
+
+
+def analyse_slide(
+    slide: WholeSlide,
+    classifier: Classifier,
+    aggregator: SlideAggregator | None = None,
+    *,
+    threshold: float = 0.5,
+    min_tissue_fraction: float = 0.3,
+    batch_size: int = 64,
+    block_tiles: int = 16,
+    thumbnail_pixels: int = 1536,
+    max_tiles: int | None = None,
+) -> SlideAnalysis:
+    """Find tissue, classify its tiles in batches and pool them into a slide result.
+
+    ``threshold`` makes a tile tumour-positive (its tumour probability at or above it);
+    ``min_tissue_fraction`` of a tile must be tissue for it to be analysed. Raises
+    ``SlideError`` when the slide cannot be analysed (too coarse, smaller than one tile, more
+    tissue tiles than ``max_tiles``).
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    level = slide.level_for_spacing(ANALYSIS_MPP)
+    base = slide.base
+    extent_um = max(base.width, base.height) * base.mpp
+    if extent_um < TILE_UM:
+        raise SlideError(
+            f"the slide is {base.width * base.mpp / 1000:.3g} x {base.height * base.mpp / 1000:.3g}"
+            f" mm, smaller than one {TILE_UM:.0f} µm analysis tile"
+        )
+    rows, cols, side = _tile_grid(level, TILE_UM)
+
+    mask_image, mask_mpp = slide.downsampled(TISSUE_MPP)
+    mask, saturation_threshold = tissue_mask(mask_image)
+    tissue = _tissue_fraction(mask, mask_mpp, rows, cols, TILE_UM) >= min_tissue_fraction
+    thumbnail_mpp = max(extent_um / thumbnail_pixels, base.mpp)
+    if abs(thumbnail_mpp - mask_mpp) / mask_mpp < 0.05:
+        thumbnail = mask_image
+    else:
+        del mask_image
+        thumbnail, thumbnail_mpp = slide.downsampled(thumbnail_mpp)
+    timings["tissue_seconds"] = time.perf_counter() - started
+    if max_tiles is not None and int(tissue.sum()) > max_tiles:
+        raise SlideError(f"{int(tissue.sum())} tissue tiles, more than the limit of {max_tiles}")
+
+    tile_classifier = TileClassifier(classifier)
+    labels = classifier.labels
+    probability_map = np.full((rows, cols), np.nan, dtype=np.float32)
+    stream = aggregator.stream() if aggregator is not None else None
+    pending: list[npt.NDArray[np.uint8]] = []
+    where: list[tuple[int, int]] = []
+    embedding_sum: npt.NDArray[np.float64] | None = None
+    read_seconds = 0.0
+    model_seconds = 0.0
+
+    def flush() -> None:
+        nonlocal embedding_sum, model_seconds
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        probabilities, embeddings = tile_classifier(pending)
+        model_seconds += time.perf_counter() - t0
+        for (r, c), p in zip(where, probabilities[:, tile_classifier.positive_index], strict=True):
+            probability_map[r, c] = p
+        if stream is not None:
+            stream.update(embeddings)
+        batch_sum = embeddings.astype(np.float64).sum(axis=0)
+        embedding_sum = batch_sum if embedding_sum is None else embedding_sum + batch_sum
+        pending.clear()
+        where.clear()
+
+    for r0, c0, r1, c1 in _blocks(tissue, block_tiles):
+        t0 = time.perf_counter()
+        x0, y0 = int(round(c0 * side)), int(round(r0 * side))
+        x1, y1 = int(round(c1 * side)), int(round(r1 * side))
+        region = slide.read(level, x0, y0, x1 - x0, y1 - y0)
+        for r, c in zip(*np.nonzero(tissue[r0:r1, c0:c1]), strict=True):
+            tx, ty = int(round((c0 + c) * side)) - x0, int(round((r0 + r) * side)) - y0
+            size = int(round(side))
+            tile = region[ty : ty + size, tx : tx + size]
+            if tile.shape[0] != TILE_PIXELS or tile.shape[1] != TILE_PIXELS:
+                tile = np.asarray(
+                    Image.fromarray(np.ascontiguousarray(tile)).resize(
+                        (TILE_PIXELS, TILE_PIXELS), Image.Resampling.BILINEAR
+                    )
+                )
+            pending.append(np.ascontiguousarray(tile))
+            where.append((r0 + int(r), c0 + int(c)))
+        del region
+        read_seconds += time.perf_counter() - t0
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    timings["read_seconds"] = read_seconds
+    timings["model_seconds"] = model_seconds
+
+    analysed = int(np.count_nonzero(~np.isnan(probability_map)))
+    tumour = positive_label(labels)
+    if analysed == 0:
+        # no tissue: a result that says so, never a guess
+        slide_probabilities = {label: (1.0 if label != tumour else 0.0) for label in labels}
+        if len(labels) > 2:
+            slide_probabilities = {label: 1.0 / len(labels) for label in labels}
+        aggregator_name = "no tissue found"
+        embedding = np.zeros(0, dtype=np.float32)
+    elif stream is not None and aggregator is not None:
+        values = stream.probabilities(aggregator.temperature)
+        slide_probabilities = {label: float(v) for label, v in zip(labels, values, strict=True)}
+        aggregator_name = f"{aggregator.name} {aggregator.version} (gated attention pooling)"
+        embedding = (np.asarray(embedding_sum) / analysed).astype(np.float32)
+    else:
+        tile_values = np.sort(probability_map[~np.isnan(probability_map)])[::-1]
+        k = max(1, int(math.ceil(TOP_K_FRACTION * len(tile_values))))
+        top = float(tile_values[:k].mean())
+        rest = (1.0 - top) / max(len(labels) - 1, 1)
+        slide_probabilities = {label: (top if label == tumour else rest) for label in labels}
+        aggregator_name = RULE_NAME
+        embedding = (np.asarray(embedding_sum) / analysed).astype(np.float32)
+    return SlideAnalysis(
+        labels=labels,
+        positive_label=tumour,
+        tile_um=TILE_UM,
+        analysis_mpp=ANALYSIS_MPP,
+        level=level,
+        tissue=tissue,
+        probability_map=probability_map,
+        threshold=threshold,
+        slide_probabilities=slide_probabilities,
+        aggregator=aggregator_name,
+        aggregator_version=aggregator.version if stream is not None and aggregator else None,
+        thumbnail=thumbnail,
+        thumbnail_mpp=thumbnail_mpp,
+        saturation_threshold=saturation_threshold,
+        embedding=embedding,
+        seconds=time.perf_counter() - started,
+        timings=timings,
+    )

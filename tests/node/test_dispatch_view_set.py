@@ -1,0 +1,141 @@
+"""Series completion by mammography view set and the series that are never analysed.
+
+A real SQLite state DB and instance store; the dispatcher's broker messages go to a list.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
+
+from dicom_node.db import Job, Series, StateDB
+from dicom_node.dispatch import Dispatcher
+from dicom_node.settings import Settings
+from dicom_node.store import InstanceKey, InstanceStore
+
+MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+
+
+class Node:
+    def __init__(self, tmp_path: Path, **settings: object) -> None:
+        self.settings = Settings(data_dir=tmp_path, series_quiet_seconds=3600,
+                                 **settings)  # type: ignore[arg-type]
+        self.db = StateDB(self.settings.sqlalchemy_url)
+        self.store = InstanceStore(self.settings.store_dir, self.db)
+        self.sent: list[int] = []
+        self.dispatcher = Dispatcher(self.settings, self.db, self.sent.append, lambda _id: None)
+
+    def receive(self, ds: Dataset) -> None:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        key = InstanceKey(
+            sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        self.store.store(key, buffer.getvalue(), ds, "TEST")
+
+    def jobs(self) -> dict[str, Job]:
+        with self.db.session() as session:
+            return {job.series_instance_uid: job for job in session.scalars(select(Job)).all()}
+
+    def series_state(self, uid: str) -> str:
+        with self.db.session() as session:
+            row = session.get(Series, uid)
+            assert row is not None
+            return row.state
+
+
+def _image(study: str, series: str, sop_class: str = MG_PRESENTATION, modality: str = "MG",
+           **attributes: object) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.Modality = modality
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.zeros((8, 8), np.uint8).tobytes()
+    return ds
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
+
+
+def test_four_views_complete_the_study_before_the_quiet_period(node: Node) -> None:
+    study, series = generate_uid(), generate_uid()
+    views = [("R", "CC"), ("L", "CC"), ("R", "MLO")]
+    for side, view in views:
+        node.receive(_image(study, series, ImageLaterality=side, ViewPosition=view))
+    assert node.dispatcher.complete_quiet_series() == []  # three views: still waiting
+    assert node.series_state(series) == "receiving"
+    # the fourth, its view only in ViewCodeSequence and its side in Laterality
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "399368009", "SCT", "MLO"
+    node.receive(_image(study, series, Laterality="L", ViewCodeSequence=[code]))
+    [job_id] = node.dispatcher.complete_quiet_series()
+    assert node.series_state(series) == "complete"
+    assert node.jobs()[series].instance_count == 4
+    node.dispatcher.send_pending_jobs()
+    assert node.sent == [job_id]
+
+
+def test_views_spread_over_series_complete_each_series(node: Node) -> None:
+    study = generate_uid()
+    series = [generate_uid() for _ in range(4)]
+    for uid, (side, view) in zip(series, [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")],
+                                 strict=True):
+        node.receive(_image(study, uid, ImageLaterality=side, ViewPosition=view))
+    assert len(node.dispatcher.complete_quiet_series()) == 4
+    assert set(node.jobs()) == set(series)
+
+
+def test_two_views_wait_for_the_quiet_period(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    node.receive(_image(study, series, ImageLaterality="R", ViewPosition="CC"))
+    node.receive(_image(study, series, ImageLaterality="R", ViewPosition="MLO"))
+    assert node.dispatcher.complete_quiet_series() == []
+    node.settings.series_quiet_seconds = 0
+    assert len(node.dispatcher.complete_quiet_series()) == 1  # one breast still gets a result
+
+
+def test_quiet_period_rule_ignores_the_view_set(tmp_path: Path) -> None:
+    node = Node(tmp_path, mammo_view_set="quiet_period")
+    study, series = generate_uid(), generate_uid()
+    for side, view in [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]:
+        node.receive(_image(study, series, ImageLaterality=side, ViewPosition=view))
+    assert node.dispatcher.complete_quiet_series() == []
+
+
+def test_a_modality_without_pipeline_is_stored_and_never_sent(node: Node) -> None:
+    ct_series = generate_uid()
+    ct = _image(generate_uid(), ct_series, sop_class=CTImageStorage, modality="CT")
+    node.receive(ct)
+    node.settings.series_quiet_seconds = 0
+    [job_id] = node.dispatcher.complete_quiet_series()
+    job = node.jobs()[ct_series]
+    assert job.id == job_id and job.state == "done"
+    assert job.reason == ("not analysed: Modality 'CT' has no analysis pipeline "
+                          "(analysed: MG, SM, US)")
+    node.dispatcher.send_pending_jobs()
+    assert node.sent == []
+    assert node.store.exists(str(ct.SOPInstanceUID))  # stored all the same

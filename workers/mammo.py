@@ -1,0 +1,141 @@
+"""The mammography pipeline: one orientation for the model, per image, per breast, per study.
+
+Per image:
+- display pixels (``inference.image_from_dataset``: Modality LUT, VOI LUT or window, MONOCHROME1
+  inverted, 16-bit; For Processing images through their PixelIntensityRelationship), scaled
+  down (box filter) to at most ``mg_max_side`` pixels on the longer side (a 4k x 3k detector
+  image costs seconds in every full-size step: resampling for the model, Grad-CAM upsampling,
+  the overlay, and a 38 MB SC; 2048 px of a 24 cm detector is still about 120 micron, finer
+  than the 200 micron films of mini-MIAS); the SC shows this image;
+- flipped to the common orientation (chest wall left, as a left breast is hung) by
+  PatientOrientation, else ImageLaterality/Laterality (``inference.dicom_pixels.mammo_flips``),
+  else, with neither, by which half of the image holds more tissue;
+- classified (the MG classifier crops to the breast itself and returns its heatmap in the frame
+  of the image it was given), and the heatmap flipped back, so the SC shows the image as
+  received with the heatmap where the model looked.
+Per breast: the views (CC, MLO, ...) of one side are combined by the mean of their class
+probabilities (each view is another look at the same breast); the breast's heatmap is its most
+suspicious view's. Images with no laterality form an "unknown side" group. Per study (the
+series' finding, the result row, triage): the most suspicious breast, since a screening study is
+as suspicious as its worse breast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from inference.dicom_pixels import image_laterality, mammo_flips, view_position
+from reports.sr import FindingGroup
+from workers.analysis import (
+    ImageAnalysis,
+    Predictor,
+    SeriesAnalysis,
+    decode,
+    mean_prediction,
+    suspicion_key,
+)
+
+BREAST_TRACKING_IDENTIFIER = {"L": "breastcad left breast", "R": "breastcad right breast",
+                              None: "breastcad breast, side unknown"}
+
+
+def _flip(array: np.ndarray, flip_lr: bool, flip_ud: bool) -> np.ndarray:
+    if flip_lr:
+        array = array[:, ::-1]
+    if flip_ud:
+        array = array[::-1]
+    return np.ascontiguousarray(array)
+
+
+def _flips_from_pixels(image: np.ndarray) -> tuple[bool, bool]:
+    """Chest wall on the side with more tissue: flip left-right if the right half is brighter."""
+    gray = image.mean(axis=2) if image.ndim == 3 else image
+    half = gray.shape[1] // 2
+    return bool(gray[:, half:].mean() > gray[:, :half].mean()), False
+
+
+def _reduce(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The image scaled down (box filter) so that its longer side is at most ``max_side``."""
+    longest = max(image.shape[0], image.shape[1])
+    if max_side is None or longest <= max_side:
+        return image
+    scale = max_side / longest
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX), dtype=np.uint8)
+
+
+def analyse_instance(
+    ds: Dataset, classifier: Predictor, max_side: int | None = None
+) -> ImageAnalysis:
+    """One mammogram; ``max_side`` caps the analysed (and shown) image's longer side."""
+    full = decode(ds, 0)
+    image = _reduce(full, max_side)
+    flips = mammo_flips(ds)
+    source_of_flips = "attributes"
+    if flips is None:
+        flips = _flips_from_pixels(image)
+        source_of_flips = "pixels"
+    prediction = classifier.predict(_flip(image, *flips))
+    heatmap = _flip(prediction.heatmap, *flips)
+    return ImageAnalysis(
+        source=ds,
+        image=image,
+        prediction=replace(prediction, heatmap=heatmap),
+        details={
+            "laterality": image_laterality(ds),
+            "view_position": view_position(ds),
+            "flipped_left_right": flips[0],
+            "flipped_up_down": flips[1],
+            "orientation_from": source_of_flips,
+            "analysed_size": [int(image.shape[0]), int(image.shape[1])],
+        },
+    )
+
+
+def breast_groups(
+    analyses: Sequence[ImageAnalysis],
+) -> tuple[list[FindingGroup], list[dict[str, object]]]:
+    """One finding group per breast (L, R, then unknown side), with facts for the result row."""
+    sides: dict[str | None, list[int]] = {}
+    for index, analysis in enumerate(analyses):
+        sides.setdefault(image_laterality(analysis.source), []).append(index)
+    groups: list[FindingGroup] = []
+    details: list[dict[str, object]] = []
+    for side in ("R", "L", None):
+        indices = sides.get(side)
+        if not indices:
+            continue
+        predictions = [analyses[i].prediction for i in indices]
+        worst = max(predictions, key=suspicion_key)
+        finding = mean_prediction(predictions, worst)
+        groups.append(FindingGroup(
+            prediction=finding,
+            source_indices=tuple(indices),
+            laterality=side,
+            tracking_identifier=BREAST_TRACKING_IDENTIFIER[side],
+        ))
+        details.append({
+            "laterality": side,
+            "label": finding.label,
+            "probabilities": dict(finding.probabilities),
+            "views": [view_position(analyses[i].source) for i in indices],
+            "sop_instance_uids": [str(analyses[i].source.SOPInstanceUID) for i in indices],
+        })
+    return groups, details
+
+
+def analyse_series(
+    datasets: Sequence[Dataset], classifier: Predictor, max_side: int | None = None
+) -> SeriesAnalysis:
+    analyses = [analyse_instance(ds, classifier, max_side) for ds in datasets]
+    groups, details = breast_groups(analyses)
+    study = max(groups, key=lambda group: suspicion_key(group.prediction)).prediction
+    return SeriesAnalysis(
+        analyses=analyses, series_prediction=study, groups=groups, group_details=details
+    )
+
