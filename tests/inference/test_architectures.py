@@ -55,7 +55,8 @@ def test_grad_cam_points_at_the_evidence(arch: str) -> None:
         top, left = (int(v) for v in generator.integers(0, size - 16, size=2))
         images[i, 0, top : top + 16, left : left + 16] = 2.0
         targets[i] = 1
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    # MobileNetV2 from scratch needs a larger step to learn this in 60 steps (measured)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2 if arch == "MobileNetV2" else 3e-3)
     net.train()
     losses = []
     for _ in range(60):

@@ -48,7 +48,12 @@ PROTECTED_GETS = [
     "/docs",
     "/",
     "/dicomweb/studies",
+<<<<<<< HEAD
     "/static/dashboard.css",
+=======
+    "/later/items",
+    "/late-static/app.css",
+>>>>>>> h6
     "/no-such-route",
 ]
 
@@ -82,6 +87,21 @@ def _app(tmp: Path, token: str | None) -> tuple[FastAPI, StateDB]:
     db = StateDB(settings.sqlalchemy_url)
     # the whole app as served: dashboard (/ and /static), DICOMweb, upload page, similar cases
     app = create_api(settings, db)
+<<<<<<< HEAD
+=======
+    # added after create_api, as the other routers are
+    later = APIRouter()
+
+    @later.get("/later/items")
+    def later_items() -> list[dict[str, str]]:
+        return []
+
+    app.include_router(later)
+    static = tmp / "static"
+    static.mkdir(exist_ok=True)
+    (static / "app.css").write_text("body { color: black }\n")
+    app.mount("/late-static", StaticFiles(directory=static), name="late-static")
+>>>>>>> h6
     return app, db
 
 
@@ -150,8 +170,13 @@ def test_right_token_opens_every_route(served: Served) -> None:
         "/deliveries": 200,
         "/metrics": 200,
         "/openapi.json": 200,
+<<<<<<< HEAD
         "/dicomweb/studies": 204,  # QIDO: nothing stored yet
         "/static/dashboard.css": 200,
+=======
+        "/later/items": 200,
+        "/late-static/app.css": 200,
+>>>>>>> h6
         "/deliveries/1": 404,
         "/no-such-route": 404,
     }
@@ -165,7 +190,11 @@ def test_right_token_opens_every_route(served: Served) -> None:
 def test_cookie_is_accepted(served: Served) -> None:
     with httpx.Client(base_url=served.url, cookies={COOKIE: TOKEN}) as client:
         assert client.get("/studies").status_code == 200
+<<<<<<< HEAD
         assert client.get("/static/dashboard.css").status_code == 200
+=======
+        assert client.get("/late-static/app.css").text.startswith("body")
+>>>>>>> h6
     with httpx.Client(base_url=served.url, cookies={COOKIE: "wrong"}) as client:
         response = client.get("/studies")
         assert response.status_code == 401
@@ -205,7 +234,11 @@ def test_without_api_token_nothing_changes(tmp_path: Path) -> None:
     server = Served(app)
     try:
         assert httpx.get(server.url + "/studies").status_code == 200
+<<<<<<< HEAD
         assert httpx.get(server.url + "/static/dashboard.css").status_code == 200
+=======
+        assert httpx.get(server.url + "/late-static/app.css").status_code == 200
+>>>>>>> h6
         assert httpx.get(server.url + "/login", params={"token": "x"}).status_code == 404
     finally:
         server.stop()
@@ -267,9 +300,15 @@ def test_browser_signs_in_through_login(served: Served, tmp_path: Path) -> None:
 
     refused = dump(served.url + "/login?token=wrong")
     assert "invalid API token" in refused and "Sign in" in refused
+<<<<<<< HEAD
     # "/" is the dashboard, which the browser only reaches with the cookie set by /login
     signed_in = dump(served.url + f"/login?token={TOKEN}")
     assert "<title>breastcad</title>" in signed_in, signed_in[:500]
+=======
+    # the redirect to "/" (the dashboard) carries the cookie /login set: past the gate
+    signed_in = dump(served.url + f"/login?token={TOKEN}")
+    assert "API token" not in signed_in, signed_in[:500]
+>>>>>>> h6
     assert "Sign in" not in signed_in
 
 
