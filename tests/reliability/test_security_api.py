@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.staticfiles import StaticFiles
 from node_process import Node
 from rel_support import wait_until
 from support.ports import free_port
@@ -48,12 +49,8 @@ PROTECTED_GETS = [
     "/docs",
     "/",
     "/dicomweb/studies",
-<<<<<<< HEAD
-    "/static/dashboard.css",
-=======
     "/later/items",
     "/late-static/app.css",
->>>>>>> h6
     "/no-such-route",
 ]
 
@@ -85,10 +82,7 @@ def _app(tmp: Path, token: str | None) -> tuple[FastAPI, StateDB]:
     settings = Settings(data_dir=tmp / "var", api_token=token)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = StateDB(settings.sqlalchemy_url)
-    # the whole app as served: dashboard (/ and /static), DICOMweb, upload page, similar cases
     app = create_api(settings, db)
-<<<<<<< HEAD
-=======
     # added after create_api, as the other routers are
     later = APIRouter()
 
@@ -101,7 +95,6 @@ def _app(tmp: Path, token: str | None) -> tuple[FastAPI, StateDB]:
     static.mkdir(exist_ok=True)
     (static / "app.css").write_text("body { color: black }\n")
     app.mount("/late-static", StaticFiles(directory=static), name="late-static")
->>>>>>> h6
     return app, db
 
 
@@ -170,13 +163,8 @@ def test_right_token_opens_every_route(served: Served) -> None:
         "/deliveries": 200,
         "/metrics": 200,
         "/openapi.json": 200,
-<<<<<<< HEAD
-        "/dicomweb/studies": 204,  # QIDO: nothing stored yet
-        "/static/dashboard.css": 200,
-=======
         "/later/items": 200,
         "/late-static/app.css": 200,
->>>>>>> h6
         "/deliveries/1": 404,
         "/no-such-route": 404,
     }
@@ -190,11 +178,7 @@ def test_right_token_opens_every_route(served: Served) -> None:
 def test_cookie_is_accepted(served: Served) -> None:
     with httpx.Client(base_url=served.url, cookies={COOKIE: TOKEN}) as client:
         assert client.get("/studies").status_code == 200
-<<<<<<< HEAD
-        assert client.get("/static/dashboard.css").status_code == 200
-=======
         assert client.get("/late-static/app.css").text.startswith("body")
->>>>>>> h6
     with httpx.Client(base_url=served.url, cookies={COOKIE: "wrong"}) as client:
         response = client.get("/studies")
         assert response.status_code == 401
@@ -234,11 +218,7 @@ def test_without_api_token_nothing_changes(tmp_path: Path) -> None:
     server = Served(app)
     try:
         assert httpx.get(server.url + "/studies").status_code == 200
-<<<<<<< HEAD
-        assert httpx.get(server.url + "/static/dashboard.css").status_code == 200
-=======
         assert httpx.get(server.url + "/late-static/app.css").status_code == 200
->>>>>>> h6
         assert httpx.get(server.url + "/login", params={"token": "x"}).status_code == 404
     finally:
         server.stop()
@@ -300,15 +280,9 @@ def test_browser_signs_in_through_login(served: Served, tmp_path: Path) -> None:
 
     refused = dump(served.url + "/login?token=wrong")
     assert "invalid API token" in refused and "Sign in" in refused
-<<<<<<< HEAD
-    # "/" is the dashboard, which the browser only reaches with the cookie set by /login
-    signed_in = dump(served.url + f"/login?token={TOKEN}")
-    assert "<title>breastcad</title>" in signed_in, signed_in[:500]
-=======
     # the redirect to "/" (the dashboard) carries the cookie /login set: past the gate
     signed_in = dump(served.url + f"/login?token={TOKEN}")
     assert "API token" not in signed_in, signed_in[:500]
->>>>>>> h6
     assert "Sign in" not in signed_in
 
 
