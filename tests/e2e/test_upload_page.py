@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,54 +179,37 @@ def test_upload_page_in_chromium(upload_node: Node, shared_data: Path, tmp_path:
 def test_upload_page_lists_similar_cases(
     upload_node: Node, shared_data: Path, tmp_path: Path
 ) -> None:
-    """The page's rendering of similar cases. A fresh node has no past case to compare with
-    (``GET /results/{id}/similar`` answers an empty list, or 404 without embeddings): the page
-    says "No similar cases yet". For the list itself, this test, and only this one, answers that
-    request in the browser with a made-up list in the endpoint's shape (a Playwright route).
-    Everything else (upload, storage, analysis, the result) is real."""
+    """Similar cases on the page come from the node's real ``GET /results/{id}/similar``: two
+    BUSI images uploaded as DICOM studies one after the other; the second lists the first (a
+    past case of another study, same model) with its label and distance."""
+    from support.dicom_factory import busi_as_ultrasound, write_dataset
+
     sync_api = _playwright()
-    dicom = shared_data / US_SAMPLE
-    if not dicom.exists():
-        pytest.skip(f"{dicom} is missing from the shared data")
-    # the shape of GET /results/{id}/similar (dicom_node/similar.py)
-    similar = {
-        "result_id": 1,
-        "k": 5,
-        "items": [
-            {
-                "result_id": 100 + i,
-                "label": label,
-                "ground_truth": "benign" if i == 0 else None,
-                "distance": 0.1 * (i + 1),
-                "thumbnail": f"/results/{100 + i}/heatmap.png?index=1",
-            }
-            for i, label in enumerate(["benign", "malignant", "normal", "benign", "benign", "x"])
-        ],
-    }
+    first = write_dataset(
+        busi_as_ultrasound(_busi(shared_data, "benign"), patient_id="SIMILAR-1"),
+        tmp_path / "first.dcm",
+    )
+    second = write_dataset(
+        busi_as_ultrasound(_busi(shared_data, "malignant"), patient_id="SIMILAR-2"),
+        tmp_path / "second.dcm",
+    )
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
             page.goto(f"{upload_node.url}/upload")
-            # nothing to compare with yet: "no similar cases yet"
-            page.set_input_files("#file-input", [str(dicom)])
+            page.set_input_files("#file-input", [str(first)])
             done = page.locator('article.card[data-state="done"]')
             sync_api.expect(done).to_have_count(1, timeout=240_000)
-            sync_api.expect(done.locator(".similar-empty")).to_be_visible()
-            assert done.locator(".similar-empty").inner_text() == "No similar cases yet."
-            page.route(
-                "**/results/*/similar",
-                lambda route: route.fulfill(
-                    status=200, content_type="application/json", body=json.dumps(similar)
-                ),
-            )
-            page.set_input_files("#file-input", [str(dicom)])
+            first_label = done.first.locator(".label").inner_text().strip().lower()
+            page.set_input_files("#file-input", [str(second)])
             sync_api.expect(done).to_have_count(2, timeout=240_000)
-            items = done.first.locator(".similar-list li")
-            sync_api.expect(items).to_have_count(5)
-            assert items.first.inner_text() == "benign, confirmed benign, distance 0.10"
-            assert items.nth(1).inner_text() == "malignant, distance 0.20"
-            assert done.first.locator(".similar-empty").is_hidden()
+            card = page.locator("article.card").filter(has_text="second.dcm")
+            items = card.locator(".similar-list li")
+            sync_api.expect(items.first).to_be_visible(timeout=60_000)
+            texts = [items.nth(i).inner_text().lower() for i in range(items.count())]
+            assert any(t.startswith(first_label) and "distance" in t for t in texts), texts
+            assert card.locator(".similar-empty").is_hidden()
             page.screenshot(path=str(tmp_path / "upload-similar.png"), full_page=True)
         finally:
             browser.close()
