@@ -7,7 +7,6 @@ attached to the failure report as a section named ``log of fixture <name>``.
 
 from __future__ import annotations
 
-import secrets
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.append(_REPO_ROOT)
 
 from support.orthanc import OrthancServer, require_orthanc  # noqa: E402
+from support.postgres import fresh_database  # noqa: E402
 from support.shared_data import require_shared_data  # noqa: E402
 
 
@@ -69,14 +69,4 @@ def orthanc_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
 @pytest.fixture
 def postgres_db() -> Iterator[str]:
     """A fresh PostgreSQL database (on 127.0.0.1:5432, trust auth) for one test, dropped after."""
-    psycopg = pytest.importorskip("psycopg")
-    admin = "postgresql://postgres@127.0.0.1:5432/test"
-    name = f"breastcad_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL reachable at {admin}: {exc}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from fresh_database()

@@ -17,7 +17,6 @@ import ctypes.util
 import os
 import secrets
 import sys
-import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -25,12 +24,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from rel_support import wait_until
 from support.ports import free_port
+from support.postgres import fresh_database
+from support.served import Served
 
 from dicom_node.api import create_api
 from dicom_node.db import (
@@ -60,31 +58,6 @@ SERIES = "1.2.826.0.1.3680043.8.498.2"
 
 # answers seen, per backend and status (printed at the end of the module for the docs)
 SEEN: dict[str, dict[int, int]] = {}
-
-
-class Served:
-    """``app`` on a real uvicorn in a thread of the test."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=self.port,
-                log_config=None,
-                access_log=False,
-                lifespan="off",
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, 20, "uvicorn to start")
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 def _seed(db: StateDB, results_dir: Path) -> None:
@@ -167,17 +140,7 @@ def _seed(db: StateDB, results_dir: Path) -> None:
 
 
 def _postgres_url() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    admin = "postgresql://postgres@127.0.0.1:5432/test"
-    name = f"breastcad_fuzz_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL reachable at {admin}: {exc}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from fresh_database("breastcad_fuzz")
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

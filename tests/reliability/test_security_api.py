@@ -12,18 +12,17 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 from node_process import Node
 from rel_support import wait_until
 from support.ports import free_port
+from support.served import Served
 
 from dicom_node.api import create_api
 from dicom_node.auth import COOKIE, RedactTokenFilter
@@ -53,29 +52,6 @@ PROTECTED_GETS = [
     "/late-static/app.css",
     "/no-such-route",
 ]
-
-
-class Served:
-    def __init__(self, app: FastAPI, access_log: bool = False) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=self.port,
-                log_config=None,
-                access_log=access_log,
-                lifespan="off",
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, 20, "uvicorn to start")
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 def _app(tmp: Path, token: str | None) -> tuple[FastAPI, StateDB]:
