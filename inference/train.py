@@ -601,17 +601,8 @@ def train(
             ),
             "heatmap": "Grad-CAM on the last convolutional stage (features), ReLU, upsampled, 0..1",
             "embedding": f"penultimate features ({getattr(final, 'embedding_size', '?')} values)",
-            "ood": {
-                "method": "Mahalanobis distance of the embedding to the nearest class mean "
-                "(shared Ledoit-Wolf covariance of the training split), squared",
-                "file": ood_path.name,
-                "sha256": sha256_of(ood_path),
-                "threshold": threshold,
-                "threshold_rule": f"{OOD_PERCENTILE:g}th percentile of the validation split",
-                "val_flagged": float(np.mean(val_ood > threshold)),
-                "test_flagged": test_ood_rate,
-                "also": "an image with no contrast (max - min < 4 grey levels) is not assessable",
-            },
+            "ood": ood_section(ood_path, threshold, float(np.mean(val_ood > threshold)),
+                               test_ood_rate),
             "weights": weights_path.name,
             "weights_format": "torch.save(state_dict), load with weights_only=True",
             "training_data": {
@@ -683,6 +674,23 @@ def train(
         torch.set_flush_denormal(False)
 
 
+def ood_section(
+    ood_path: Path, threshold: float, val_flagged: float, test_flagged: float
+) -> dict[str, Any]:
+    """The model card's ``ood`` section for the statistics written to ``ood_path``."""
+    return {
+        "method": "Mahalanobis distance of the embedding to the nearest class mean "
+        "(shared Ledoit-Wolf covariance of the training split), squared",
+        "file": ood_path.name,
+        "sha256": sha256_of(ood_path),
+        "threshold": threshold,
+        "threshold_rule": f"{OOD_PERCENTILE:g}th percentile of the validation split",
+        "val_flagged": val_flagged,
+        "test_flagged": test_flagged,
+        "also": "an image with no contrast (max - min < 4 grey levels) is not assessable",
+    }
+
+
 def fit_ood(card_path: Path, data_dir: Path | None = None, seed: int | None = None) -> Path:
     """Fit the out-of-distribution statistics of an existing model on its own training split
     (the card's recipe and seed) and write ``<name>_ood.npz`` plus the card's ``ood`` section.
@@ -718,15 +726,10 @@ def fit_ood(card_path: Path, data_dir: Path | None = None, seed: int | None = No
     ood_path = card_path.with_name(f"{card.name}_ood.npz")
     scorer.save(ood_path)
     raw["ood"] = {
-        "method": "Mahalanobis distance of the embedding to the nearest class mean "
-        "(shared Ledoit-Wolf covariance of the training split), squared",
-        "file": ood_path.name,
-        "sha256": sha256_of(ood_path),
-        "threshold": threshold,
-        "threshold_rule": f"{OOD_PERCENTILE:g}th percentile of the validation split",
-        "val_flagged": float(np.mean(val_scores > threshold)),
-        "test_flagged": float(np.mean(scorer.score(outputs["test"][1]) > threshold)),
-        "also": "an image with no contrast (max - min < 4 grey levels) is not assessable",
+        **ood_section(
+            ood_path, threshold, float(np.mean(val_scores > threshold)),
+            float(np.mean(scorer.score(outputs["test"][1]) > threshold)),
+        ),
         "fitted_after_training": True,
     }
     raw.setdefault("preprocessing_params", card.preprocessing_params)
