@@ -90,6 +90,9 @@ def serve(config: ConfigOption = None) -> None:
     worker: EmbeddedWorker | None = None
     if settings.embedded_worker:
         _torch_threads(settings.torch_threads)
+        from workers.warmup import warm_up
+
+        warm_up(celery.context)
         worker = EmbeddedWorker(celery, concurrency=settings.worker_concurrency)
     scp = StorageSCP(settings, store, extra_handlers=DicomAudit(db).handlers())
     uvicorn_config = uvicorn.Config(
@@ -150,8 +153,12 @@ def worker(config: ConfigOption = None) -> None:
 
         setup_logging.connect(lambda **_kwargs: None, weak=False)
     _torch_threads(settings.torch_threads)
+    from workers.warmup import warm_up
+
     db = StateDB(settings.sqlalchemy_url)
-    run_worker(BreastcadCelery(settings, db), settings.worker_concurrency, settings.log_level)
+    celery = BreastcadCelery(settings, db)
+    warm_up(celery.context)
+    run_worker(celery, settings.worker_concurrency, settings.log_level)
 
 
 @app.command()

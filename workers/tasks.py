@@ -168,11 +168,11 @@ def _heartbeat(ctx: WorkerContext, job_id: int) -> Iterator[None]:
     """Renew the running job's lease (``started_at``) while this attempt is alive.
 
     The dispatcher re-queues a running job whose lease is older than ``job_timeout_seconds``: with
-    the lease renewed every third of that, only a job whose worker died is taken back, however
-    long its analysis takes.
+    the lease renewed every eighth of that, only a job whose worker died (or stalled for 7/8 of
+    the lease) is taken back, however long its analysis takes.
     """
     stop = threading.Event()
-    interval = max(0.1, ctx.settings.job_timeout_seconds / 3)
+    interval = max(0.1, ctx.settings.job_timeout_seconds / 8)
 
     def renew() -> None:
         while not stop.wait(interval):

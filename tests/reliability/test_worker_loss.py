@@ -15,6 +15,7 @@ back to ``pending`` and sends a new message; the attempt count on the row bounds
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -252,9 +253,16 @@ def test_analysis_longer_than_job_timeout_is_not_run_twice(
 ) -> None:
     """A live worker slower than ``job_timeout_seconds`` keeps its job (it renews its lease):
     one attempt, ``done``. Before workers/tasks.py renewed the lease (commit 5bd3ad40) the sweep
-    re-queued it twice and the job ended ``failed`` beside its stored result."""
+    re-queued it twice and the job ended ``failed`` beside its stored result.
+
+    The lease is 4 s here, renewed every 0.5 s: with a 1 s lease this test failed on a loaded
+    machine (load 11 on 2 cores, session 3) because the worker's heartbeat thread went 2.9 s
+    without running (logged renewals), a stall a 900 s production lease never sees. The series is
+    long enough (120 images) that its analysis outlives the lease on any machine; the test checks
+    that from the worker's own task time."""
     require_tool("storescu")
-    files = make_series(busi_png_paths(shared_data, "benign")[40:64], tmp_path / "src")
+    timeout_s = 4
+    files = make_series(busi_png_paths(shared_data, "benign")[40:160], tmp_path / "src")
     node = Node(
         tmp_path / "node",
         pacs_port=9,
@@ -262,15 +270,24 @@ def test_analysis_longer_than_job_timeout_is_not_run_twice(
         database_url=postgres_db,
         embedded_worker=False,
         workers=0,
-        extra={"job_timeout_seconds": 1, "job_max_attempts": 3, "routes": []},
+        extra={
+            "job_timeout_seconds": timeout_s, "job_max_attempts": 3, "routes": [],
+            "torch_threads": 1,
+        },
     )
     start_distributed(node, 2)
     try:
         assert storescu(files, "127.0.0.1", node.dicom_port).returncode == 0
-        [job] = node.wait_for_jobs(1, timeout=120)
+        [job] = node.wait_for_jobs(1, timeout=300)
         time.sleep(3)  # let any second attempt finish too
         [job] = jobs(node)
-        print(f"job after a too-short job_timeout_seconds: {job}")
+        print(f"job after a job_timeout_seconds shorter than its analysis: {job}")
+        took = [
+            float(seconds)
+            for text in node_logs(node).values()
+            for seconds in re.findall(r"breastcad\.analyse\[[^]]+\] succeeded in ([0-9.]+)s", text)
+        ]
+        assert took and max(took) > timeout_s, f"the analysis must outlive the lease: {took}"
         assert job["state"] == "done", job
         assert job["attempts"] == 1, job
     finally:
