@@ -42,6 +42,7 @@ from dicom_node.dicomweb import DicomwebService, dicomweb_router
 from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
 from dicom_node.similar import similar_router
+from dicom_node.store import SeriesWrites
 from dicom_node.upload import upload_router
 from reports.fhir import ReportFacts, diagnostic_report, searchset
 
@@ -373,8 +374,10 @@ def create_api(
     db: StateDB,
     *,
     queue_depth: Callable[[], int | None] | None = None,
+    writes: SeriesWrites | None = None,
 ) -> FastAPI:
-    """The API over the state DB; ``queue_depth`` (the broker's) feeds ``/metrics``."""
+    """The API over the state DB; ``queue_depth`` (the broker's) feeds ``/metrics``; STOW-RS
+    registers its writes in ``writes`` (the dispatcher's, when it runs in this process)."""
     app = FastAPI(
         title="breastcad",
         version="0.1.0",
@@ -384,7 +387,7 @@ def create_api(
     install_api_errors(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(db, queue_depth))
-    dicomweb = DicomwebService(settings, db)
+    dicomweb = DicomwebService(settings, db, writes)
     app.include_router(dicomweb_router(dicomweb))
     app.include_router(upload_router(settings, dicomweb))
 

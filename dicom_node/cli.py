@@ -73,7 +73,7 @@ def serve(config: ConfigOption = None) -> None:
     from dicom_node.db import StateDB
     from dicom_node.dispatch import Dispatcher
     from dicom_node.scp import StorageSCP
-    from dicom_node.store import InstanceStore
+    from dicom_node.store import InstanceStore, SeriesWrites
     from workers.app import BreastcadCelery, EmbeddedWorker
 
     settings = _settings(config)
@@ -82,10 +82,12 @@ def serve(config: ConfigOption = None) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.results_dir.mkdir(parents=True, exist_ok=True)
     db = StateDB(settings.sqlalchemy_url)
-    store = InstanceStore(settings.store_dir, db)
+    writes = SeriesWrites()  # shared by the listener's and STOW-RS's stores and the dispatcher
+    store = InstanceStore(settings.store_dir, db, writes)
     celery = BreastcadCelery(settings, db)
     dispatcher = Dispatcher(
-        settings, db, celery.send_job, celery.send_delivery, queue_depth=celery.queue_depth
+        settings, db, celery.send_job, celery.send_delivery, queue_depth=celery.queue_depth,
+        writes=writes,
     )
     worker: EmbeddedWorker | None = None
     if settings.embedded_worker:
@@ -96,7 +98,7 @@ def serve(config: ConfigOption = None) -> None:
         worker = EmbeddedWorker(celery, concurrency=settings.worker_concurrency)
     scp = StorageSCP(settings, store, extra_handlers=DicomAudit(db).handlers())
     uvicorn_config = uvicorn.Config(
-        create_api(settings, db, queue_depth=celery.queue_depth),
+        create_api(settings, db, queue_depth=celery.queue_depth, writes=writes),
         host=settings.api_host,
         port=settings.api_port,
         log_level=settings.log_level.lower(),

@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from dicom_node.db import Instance, Result, Series, StateDB, Study, utcnow
 from dicom_node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.settings import Settings
-from dicom_node.store import InstanceKey, InstanceStore, StoreWriteError
+from dicom_node.store import InstanceKey, InstanceStore, SeriesWrites, StoreWriteError
 from dicom_node.validation import (
     DATASET_DECODE_ERRORS,
     STATUS_CANNOT_UNDERSTAND,
@@ -244,10 +244,12 @@ class _Matcher:
 class DicomwebService:
     """Storing (STOW), finding (QIDO) and reading (WADO) instances over the state DB."""
 
-    def __init__(self, settings: Settings, db: StateDB) -> None:
+    def __init__(
+        self, settings: Settings, db: StateDB, writes: SeriesWrites | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
-        self.store = InstanceStore(settings.store_dir, db)
+        self.store = InstanceStore(settings.store_dir, db, writes)
         self._index_lock = threading.Lock()
         create_index_tables(db)
 

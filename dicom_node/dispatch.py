@@ -38,6 +38,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.settings import Settings
+from dicom_node.store import SeriesWrites
 from inference.dicom_pixels import image_laterality, view_position
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,11 @@ class Dispatcher:
         send_job: SendFn,
         send_delivery: SendFn,
         queue_depth: DepthFn | None = None,
+        writes: SeriesWrites | None = None,
     ) -> None:
         self.settings = settings
+        # the series with an instance being written by this process's listener or STOW-RS
+        self.writes = writes if writes is not None else SeriesWrites()
         self.db = db
         self.send_job = send_job
         self.send_delivery = send_delivery
@@ -155,12 +159,14 @@ class Dispatcher:
 
     def _complete(self, uid: str, cutoff: datetime | None, why: str) -> int | None:
         """Mark one receiving series complete (still quiet since ``cutoff`` if given) and write
-        its job row; None if a new instance re-opened it meanwhile."""
+        its job row; None if a new instance re-opened it meanwhile or is being written."""
         with self.db.session() as session:
             conditions = [
                 Series.series_instance_uid == uid,
                 Series.state == SeriesState.RECEIVING,
             ]
+            if uid in self.writes.active():
+                return None  # an instance of it is being written: not complete yet
             if cutoff is not None:
                 conditions.append(Series.last_instance_at <= cutoff)
             changed = changed_rows(

@@ -8,6 +8,9 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +53,38 @@ def _safe_component(uid: str) -> str:
     return uid
 
 
+class SeriesWrites:
+    """The series that have an instance being written right now, in this process.
+
+    The listener and the STOW-RS service write through stores that share one of these with the
+    dispatcher, which does not complete a series while one of its instances is still being
+    written: on a loaded machine the fsyncs and the row commit of one instance can take longer
+    than ``series_quiet_seconds``, and completing the series then would analyse it without that
+    instance, and again (a second, superseding result) once it lands.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def writing(self, series_instance_uid: str) -> Iterator[None]:
+        with self._lock:
+            self._counts[series_instance_uid] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._counts[series_instance_uid] -= 1
+                if self._counts[series_instance_uid] <= 0:
+                    del self._counts[series_instance_uid]
+
+    def active(self) -> frozenset[str]:
+        """The series with a write in progress."""
+        with self._lock:
+            return frozenset(self._counts)
+
+
 #: Where files are written before they are renamed into place (same filesystem as the store).
 INCOMING = ".incoming"
 
@@ -62,9 +97,10 @@ class InstanceStore:
     :meth:`remove_incoming` (called by the listener at start) clears them.
     """
 
-    def __init__(self, root: Path, db: StateDB) -> None:
+    def __init__(self, root: Path, db: StateDB, writes: SeriesWrites | None = None) -> None:
         self.root = root
         self.db = db
+        self.writes = writes if writes is not None else SeriesWrites()
         self.incoming = root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
 
@@ -105,6 +141,12 @@ class InstanceStore:
         Raises StoreWriteError when the file or its row cannot be written; then nothing of this
         instance is left behind.
         """
+        with self.writes.writing(key.series_instance_uid):
+            return self._store(key, encoded, dataset, calling_ae)
+
+    def _store(
+        self, key: InstanceKey, encoded: bytes, dataset: Dataset, calling_ae: str | None
+    ) -> StoreOutcome:
         relative = self.relative_path(key)
         if self.exists(key.sop_instance_uid):
             self._touch_series(key)
