@@ -7,6 +7,7 @@ attached to the failure report as a section named ``log of fixture <name>``.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -28,6 +29,20 @@ if _REPO_ROOT not in sys.path:
 from support.orthanc import OrthancServer, require_orthanc  # noqa: E402
 from support.postgres import fresh_database  # noqa: E402
 from support.shared_data import require_shared_data  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak", action="store_true", default=False,
+        help="run the long reliability variants (same as BREASTCAD_SOAK=1): 5x the load test, "
+        "10x the C-STORE and API fuzz cases",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before the test modules are imported: they read BREASTCAD_SOAK for their case counts
+    if config.getoption("--soak"):
+        os.environ["BREASTCAD_SOAK"] = "1"
 
 
 @pytest.hookimpl(wrapper=True)
