@@ -19,7 +19,6 @@ model's verdict.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,6 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 import pytest
-import torch
 from node_process import Node
 from PIL import Image
 from pydicom import dcmread
@@ -44,10 +42,9 @@ from support.dcmtk import dciodvfy, require_tool, store_responses, storescu
 from support.dicom_factory import busi_as_ultrasound, mias_as_mammogram, write_dataset
 from support.orthanc import OrthancServer
 from support.shared_data import busi_png_paths
+from support.untrained_mg import write_untrained_mg_model
 
 from inference import ModelNotAvailableError, image_from_dataset, load_bundled
-from inference.card import sha256_file
-from inference.networks import BusiCNN
 
 pytestmark = pytest.mark.e2e
 
@@ -67,20 +64,7 @@ def mg_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         return []
     except ModelNotAvailableError:
         pass
-    folder = tmp_path_factory.mktemp("mg-model")
-    params: dict[str, Any] = {"in_channels": 1, "num_classes": 3, "widths": [8, 16, 32, 64],
-              "blocks_per_stage": 1, "dropout": 0.0, "stem_pool": True}
-    torch.manual_seed(0)
-    torch.save(BusiCNN(**params).state_dict(), folder / "mg_untrained.pt")
-    card = {
-        "name": "mg_untrained_test", "version": "0.0.1", "modality": "MG",
-        "architecture": "BusiCNN", "architecture_params": params, "input_size": 128,
-        "in_channels": 1, "labels": ["normal", "benign", "malignant"],
-        "weights": "mg_untrained.pt", "sha256": sha256_file(folder / "mg_untrained.pt"),
-        "intended_use": "tests only: untrained",
-    }
-    (folder / "mg_untrained.json").write_text(json.dumps(card))
-    return [str(folder)]
+    return [str(write_untrained_mg_model(tmp_path_factory.mktemp("mg-model")))]
 
 
 def _walk(items: Any) -> Iterator[Dataset]:
