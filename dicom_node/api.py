@@ -45,7 +45,7 @@ from dicom_node.dispatch import retry_delivery
 from dicom_node.settings import Settings
 from dicom_node.similar import similar_router
 from dicom_node.upload import upload_router
-from reports.fhir import ReportFacts, diagnostic_report, searchset
+from reports.fhir import BreastFinding, ReportFacts, diagnostic_report, searchset
 
 FHIR_JSON = "application/fhir+json"
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
@@ -312,6 +312,10 @@ def _report_facts(result: Result, study: Study | None, base_url: str) -> ReportF
         suspicion=result.suspicion,
         priority=result.priority if result.suspicion is not None else None,
         heatmap_urls=[base_url + link for link in _heatmap_links(result)],
+        breasts=[
+            BreastFinding(b["laterality"], b["label"], b["probabilities"])
+            for b in _breasts_json(result)
+        ],
     )
 
 

@@ -5,8 +5,9 @@ One loop in the node process:
   then is the Celery message sent, so a lost message can always be re-sent from the row;
 - mammography is analysed per study: the MG series of a study complete together, when none of
   them has received an instance for ``series_quiet_seconds``, or at once when its stored MG
-  instances hold the four screening views (L/R x CC/MLO, ``mammo_view_set: four_views``); one
-  job covers them all (``job_series`` rows), keyed by the study's first-received MG series;
+  instances hold the four screening views (L/R x CC/MLO, ``mammo_view_set: four_views``) and
+  did not already at its previous completion; one job covers them all (``job_series`` rows),
+  keyed by the study's first-received MG series;
 - a series of a modality with no analysis pipeline (not in ``analysed_modalities``: CT, SR, KO,
   ...) is complete after the quiet period like any other, but its job row is written already
   ended, with the reason, and no message is sent: it never reaches a model;
@@ -283,18 +284,35 @@ class Dispatcher:
             if not studies:
                 return []
             instances = session.execute(
-                select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.path)
+                select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.path,
+                       Instance.received_at)
                 .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
                 .where(Instance.study_instance_uid.in_(studies), Series.modality == "MG")
             ).all()
+            # when each study's latest mammography job was made
+            last_job = dict(session.execute(
+                select(Series.study_instance_uid, func.max(Job.created_at))
+                .join(JobSeries, JobSeries.series_instance_uid == Series.series_instance_uid)
+                .join(Job, Job.id == JobSeries.job_id)
+                .where(Series.study_instance_uid.in_(studies))
+                .group_by(Series.study_instance_uid)
+            ).all())
         if len(self._views) > _VIEW_CACHE_LIMIT:
             self._views.clear()
         views: dict[str, set[tuple[str | None, str | None]]] = {}
-        for sop_uid, study, path in instances:
+        before: dict[str, set[tuple[str | None, str | None]]] = {}
+        for sop_uid, study, path, received_at in instances:
             if sop_uid not in self._views:
                 self._views[sop_uid] = self._read_view(path)
             views.setdefault(study, set()).add(self._views[sop_uid])
-        return sorted(study for study, seen in views.items() if seen >= SCREENING_VIEWS)
+            if study in last_job and received_at <= last_job[study]:
+                before.setdefault(study, set()).add(self._views[sop_uid])
+        # a view set already whole at the study's last completion does not complete it again
+        # at once: images after it (an extra view, a repeat) wait for the quiet period
+        return sorted(
+            study for study, seen in views.items()
+            if seen >= SCREENING_VIEWS and not before.get(study, set()) >= SCREENING_VIEWS
+        )
 
     def _read_view(self, path: str) -> tuple[str | None, str | None]:
         try:

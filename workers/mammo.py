@@ -146,7 +146,7 @@ def _group_detail(
             {
                 "index": i + 1,
                 "sop_instance_uid": str(analyses[i].source.SOPInstanceUID),
-                "series_instance_uid": str(analyses[i].source.SeriesInstanceUID),
+                "series_instance_uid": str(analyses[i].source.get("SeriesInstanceUID", "")),
                 "view_position": view_position(analyses[i].source),
             }
             for i in indices

@@ -152,16 +152,24 @@ def test_mammo_views_combine_per_breast_and_study_is_worst_breast() -> None:
     ]
     series = mammo.analyse_series(views, BrightnessModel())
     assert series.groups is not None
-    assert [g.laterality for g in series.groups] == ["R", "L"]
-    assert [g.source_indices for g in series.groups] == [(0, 1), (2, 3)]
-    for group in series.groups:
+    # one group per breast, then the study's own over both (SR Finding Site right and left)
+    assert [g.laterality for g in series.groups] == ["R", "L", "B"]
+    assert [g.source_indices for g in series.groups] == [(0, 1), (2, 3), (0, 1, 2, 3)]
+    for group in series.groups[:2]:
         members = [series.analyses[i].prediction for i in group.source_indices]
         for label in LABELS:
             mean = np.mean([p.probabilities[label] for p in members])
             assert group.prediction.probabilities[label] == pytest.approx(mean)
-    worst = max(series.groups, key=lambda g: g.prediction.probabilities["malignant"])
+    worst = max(series.groups[:2], key=lambda g: g.prediction.probabilities["malignant"])
     assert series.series_prediction.probabilities == worst.prediction.probabilities
-    assert [d["views"] for d in series.group_details] == [["CC", "MLO"], ["CC", "MLO"]]
+    assert series.groups[2].prediction is series.series_prediction
+    assert [d["views"] for d in series.group_details] == [["CC", "MLO"], ["CC", "MLO"],
+                                                          ["CC", "MLO", "CC", "MLO"]]
+    assert [d["scope"] for d in series.group_details] == ["breast", "breast", "study"]
+
+    # one breast only: its group is the study finding, no separate study group
+    single = mammo.analyse_series(views[:2], BrightnessModel())
+    assert single.groups is not None and [g.laterality for g in single.groups] == ["R"]
 
 
 def test_ultrasound_multiframe_picks_the_most_suspicious_sampled_frame(
