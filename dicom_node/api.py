@@ -371,7 +371,8 @@ class StateCollector(Collector):
         yield received
         yield CounterMetricFamily(
             "breastcad_series_completed",
-            "Series completions (each makes an analysis job; a re-opened series completes again)",
+            "Series completions (each makes an analysis job; the MG series of a mammography "
+            "study complete as one; a re-opened series completes again)",
             value=jobs_total,
         )
         series_gauge = GaugeMetricFamily("breastcad_series", "Series by state", labels=["state"])

@@ -125,11 +125,16 @@ def test_views_spread_over_series_make_one_study_job(node: Node) -> None:
     assert node.dispatcher.complete_quiet_series() == []  # completed once
 
 
-def test_a_study_is_quiet_only_when_all_its_mammo_series_are(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_study_is_quiet_only_when_all_its_mammo_series_are(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
     """Two series of one study, one quiet and one still receiving: nothing completes until the
     other is quiet too; then one job over both. A series of another modality in the study is
-    not part of it."""
-    node = Node(tmp_path)
+    not part of it. (On PostgreSQL too: the completing UPDATE is one statement with a NOT
+    EXISTS over the same table.)"""
+    url = request.getfixturevalue("postgres_db") if database == "postgresql" else None
+    node = Node(tmp_path, database_url=url)
     study, first, second, us = generate_uid(), generate_uid(), generate_uid(), generate_uid()
     node.receive(_image(study, first, ImageLaterality="R", ViewPosition="CC"))
     node.receive(_image(study, us, sop_class="1.2.840.10008.5.1.4.1.1.6.1", modality="US"))

@@ -27,6 +27,8 @@ def write_untrained_mg_model(folder: Path) -> Path:
         "name": "mg_untrained_test", "version": "0.0.1", "modality": "MG",
         "architecture": "BusiCNN", "architecture_params": params, "input_size": 128,
         "in_channels": 1, "labels": ["normal", "benign", "malignant"],
+        # as the MG training recipe (inference/train.py): crop to the breast first
+        "preprocessing_params": {"breast_crop": True},
         "weights": "mg_untrained.pt", "sha256": sha256_file(folder / "mg_untrained.pt"),
         "intended_use": "tests only: untrained",
     }

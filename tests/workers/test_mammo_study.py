@@ -80,9 +80,10 @@ def _groups(sr: Dataset) -> list[tuple[str | None, set[str]]]:
 class Node:
     """Store, dispatcher and worker of one node, in this process."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path) -> None:
+    def __init__(self, tmp_path: Path, model_dir: Path, database_url: str | None = None) -> None:
         self.settings = Settings(data_dir=tmp_path / "node", series_quiet_seconds=3600,
-                                 model_dirs=[model_dir], similar_cases_in_sr=0)
+                                 model_dirs=[model_dir], similar_cases_in_sr=0,
+                                 database_url=database_url)
         self.db = StateDB(self.settings.sqlalchemy_url)
         self.store = InstanceStore(self.settings.store_dir, self.db)
         self.sent: list[int] = []
