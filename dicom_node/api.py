@@ -20,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from dicom_node.api_errors import install_api_errors
 from dicom_node.audit import install_api_audit
@@ -31,6 +32,7 @@ from dicom_node.db import (
     DeliveryState,
     Instance,
     Job,
+    JobSeries,
     JobState,
     Result,
     Series,
@@ -44,7 +46,7 @@ from dicom_node.settings import Settings
 from dicom_node.similar import similar_router
 from dicom_node.store import SeriesWrites
 from dicom_node.upload import upload_router
-from reports.fhir import ReportFacts, diagnostic_report, searchset
+from reports.fhir import BreastFinding, ReportFacts, diagnostic_report, searchset
 
 FHIR_JSON = "application/fhir+json"
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
@@ -76,9 +78,65 @@ def _result_json(result: Result, deliveries: list[Delivery]) -> dict[str, Any]:
         "predecessor_id": result.predecessor_id,
         "heatmaps": _heatmap_links(result),
         "per_image": result.files.get("per_image", []),
+        "series_instance_uids": _result_series(result),
+        "breasts": _breasts_json(result),
         "created_at": _iso(result.created_at),
         "deliveries": [_delivery_json(d) for d in deliveries],
     }
+
+
+def _result_series(result: Result) -> list[str]:
+    """The series whose images the result analysed (several for a mammography study)."""
+    seen = [str(p["series_instance_uid"]) for p in result.files.get("per_image", [])
+            if p.get("series_instance_uid")]
+    return list(dict.fromkeys(seen)) or [result.series_instance_uid]
+
+
+def _breasts_json(result: Result) -> list[dict[str, Any]]:
+    """The per-breast findings of a mammography result (its SR's breast groups): laterality,
+    label, probabilities and the views used, each with its heatmap."""
+    breasts = []
+    for group in result.files.get("groups", []):
+        if group.get("scope", "breast") != "breast":
+            continue  # the study's own group: the result's label and probabilities
+        images = group.get("images") or [
+            {"sop_instance_uid": sop, "view_position": view}
+            for sop, view in zip(group.get("sop_instance_uids", []), group.get("views", []),
+                                 strict=False)
+        ]
+        breasts.append({
+            "laterality": group.get("laterality"),
+            "label": group.get("label"),
+            "probabilities": group.get("probabilities"),
+            "views": [
+                {
+                    **image,
+                    **({"heatmap": f"/results/{result.id}/heatmap.png?index={image['index']}"}
+                       if "index" in image else {}),
+                }
+                for image in images
+            ],
+        })
+    return breasts
+
+
+def _series_jobs(session: Session, series_uids: Iterable[str]) -> dict[str, list[Job]]:
+    """The jobs of each series, oldest first: its own, and the mammography study jobs that
+    covered it (``job_series``)."""
+    uids = list(series_uids)
+    jobs: dict[str, dict[int, Job]] = {uid: {} for uid in uids}
+    if not uids:
+        return {}
+    for job in session.scalars(select(Job).where(Job.series_instance_uid.in_(uids))).all():
+        jobs[job.series_instance_uid][job.id] = job
+    linked = session.execute(
+        select(JobSeries.series_instance_uid, Job)
+        .join(Job, Job.id == JobSeries.job_id)
+        .where(JobSeries.series_instance_uid.in_(uids))
+    ).all()
+    for uid, job in linked:
+        jobs[uid][job.id] = job
+    return {uid: [by_id[i] for i in sorted(by_id)] for uid, by_id in jobs.items()}
 
 
 def _delivery_json(delivery: Delivery) -> dict[str, Any]:
@@ -162,12 +220,20 @@ def worklist_items(db: StateDB) -> list[dict[str, Any]]:
         latest_job_ids = session.execute(
             select(Job.series_instance_uid, func.max(Job.id)).group_by(Job.series_instance_uid)
         ).all()
-        jobs = {
-            job.series_instance_uid: job
-            for job in session.scalars(
-                select(Job).where(Job.id.in_([job_id for _uid, job_id in latest_job_ids]))
-            ).all()
+        # a series covered by a mammography study job keyed by another series of its study
+        latest_linked = session.execute(
+            select(JobSeries.series_instance_uid, func.max(JobSeries.job_id)).group_by(
+                JobSeries.series_instance_uid
+            )
+        ).all()
+        latest: dict[str, int] = {}
+        for uid, job_id in [*latest_job_ids, *latest_linked]:
+            latest[uid] = max(job_id, latest.get(uid, job_id))
+        by_id = {
+            job.id: job
+            for job in session.scalars(select(Job).where(Job.id.in_(set(latest.values())))).all()
         }
+        jobs = {uid: by_id[job_id] for uid, job_id in latest.items() if job_id in by_id}
         latest_result_ids = session.execute(
             select(Result.series_instance_uid, func.max(Result.id)).group_by(
                 Result.series_instance_uid
@@ -247,6 +313,10 @@ def _report_facts(result: Result, study: Study | None, base_url: str) -> ReportF
         suspicion=result.suspicion,
         priority=result.priority if result.suspicion is not None else None,
         heatmap_urls=[base_url + link for link in _heatmap_links(result)],
+        breasts=[
+            BreastFinding(b["laterality"], b["label"], b["probabilities"])
+            for b in _breasts_json(result)
+        ],
     )
 
 
@@ -302,7 +372,8 @@ class StateCollector(Collector):
         yield received
         yield CounterMetricFamily(
             "breastcad_series_completed",
-            "Series completions (each makes an analysis job; a re-opened series completes again)",
+            "Series completions (each makes an analysis job; the MG series of a mammography "
+            "study complete as one; a re-opened series completes again)",
             value=jobs_total,
         )
         series_gauge = GaugeMetricFamily("breastcad_series", "Series by state", labels=["state"])
@@ -450,32 +521,36 @@ def create_api(
                 .order_by(Series.first_instance_at)
             ).all()
             series_out = []
+            jobs_of = _series_jobs(session, (s.series_instance_uid for s in series_rows))
+            study_results: dict[int, dict[str, Any]] = {}
             for series in series_rows:
                 count = session.scalar(
                     select(func.count())
                     .select_from(Instance)
                     .where(Instance.series_instance_uid == series.series_instance_uid)
                 )
-                jobs = session.scalars(
-                    select(Job)
-                    .where(Job.series_instance_uid == series.series_instance_uid)
-                    .order_by(Job.id)
-                ).all()
+                jobs = jobs_of.get(series.series_instance_uid, [])
+                # its own results, and those of the mammography study jobs that covered it
                 results = session.scalars(
                     select(Result)
-                    .where(Result.series_instance_uid == series.series_instance_uid)
+                    .where(
+                        (Result.series_instance_uid == series.series_instance_uid)
+                        | Result.job_id.in_([j.id for j in jobs])
+                    )
                     .order_by(Result.id)
                 ).all()
                 results_out = []
                 for result in results:
-                    deliveries = list(
-                        session.scalars(
-                            select(Delivery)
-                            .where(Delivery.result_id == result.id)
-                            .order_by(Delivery.id)
-                        ).all()
-                    )
-                    results_out.append(_result_json(result, deliveries))
+                    if result.id not in study_results:
+                        deliveries = list(
+                            session.scalars(
+                                select(Delivery)
+                                .where(Delivery.result_id == result.id)
+                                .order_by(Delivery.id)
+                            ).all()
+                        )
+                        study_results[result.id] = _result_json(result, deliveries)
+                    results_out.append(study_results[result.id])
                 series_out.append(
                     {
                         "series_instance_uid": series.series_instance_uid,
@@ -502,6 +577,8 @@ def create_api(
             "accession_number": study.accession_number,
             "study_date": study.study_date,
             "series": series_out,
+            # every result of the study once (a mammography study's covers several series)
+            "results": [study_results[i] for i in sorted(study_results)],
         }
 
     @app.get("/results/{result_id}/heatmap.png", response_class=FileResponse)
@@ -653,9 +730,23 @@ def create_api(
             if state is not None:
                 query = query.where(Job.state == state)
             rows = session.scalars(query).all()
+            covered: dict[int, list[str]] = {}
+            for job_id, uid in session.execute(
+                select(JobSeries.job_id, JobSeries.series_instance_uid)
+                .join(Series, Series.series_instance_uid == JobSeries.series_instance_uid)
+                .where(JobSeries.job_id.in_([j.id for j in rows]))
+                .order_by(Series.first_instance_at, Series.series_instance_uid)
+            ).all():
+                covered.setdefault(job_id, []).append(uid)
             return {
                 "items": [
-                    {**_job_json(j), "series_instance_uid": j.series_instance_uid} for j in rows
+                    {
+                        **_job_json(j),
+                        "series_instance_uid": j.series_instance_uid,
+                        # a mammography study job: every series it analyses (its own first)
+                        "series_instance_uids": covered.get(j.id, [j.series_instance_uid]),
+                    }
+                    for j in rows
                 ]
             }
 

@@ -121,6 +121,22 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class JobSeries(Base):
+    """The series a job analyses when it is more than its own (a mammography study: every MG
+    series of the study, ``jobs.series_instance_uid`` being its first-received one).
+
+    A job without rows here analyses its own series. An additive table: ``create_all`` makes it
+    in a state DB created before it, whose jobs all are per series.
+    """
+
+    __tablename__ = "job_series"
+
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), ForeignKey("series.series_instance_uid"), primary_key=True, index=True
+    )
+
+
 class Result(Base):
     __tablename__ = "results"
 
@@ -141,7 +157,8 @@ class Result(Base):
     suspicion: Mapped[float | None] = mapped_column(Float)
     # suspicion >= priority_threshold when the result was made (also in the SR)
     priority: Mapped[bool] = mapped_column(default=False)
-    # the earlier result of the same series this one supersedes (its SR is the predecessor)
+    # the earlier result of the same series (a mammography study: of the same study) this one
+    # supersedes (its SR is the predecessor)
     predecessor_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("results.id"))
     # model + Grad-CAM time over the series' images
     inference_seconds: Mapped[float | None] = mapped_column(Float)

@@ -3,8 +3,11 @@
 One loop in the node process:
 - a series quiet for ``series_quiet_seconds`` becomes complete: a job row is written first, and only
   then is the Celery message sent, so a lost message can always be re-sent from the row;
-- a mammography study whose four screening views (L/R x CC/MLO) are stored completes at once,
-  without waiting for the quiet period (``mammo_view_set: four_views``);
+- mammography is analysed per study: the MG series of a study complete together, when none of
+  them has received an instance for ``series_quiet_seconds``, or at once when its stored MG
+  instances hold the four screening views (L/R x CC/MLO, ``mammo_view_set: four_views``) and
+  did not already at its previous completion; one job covers them all (``job_series`` rows),
+  keyed by the study's first-received MG series;
 - a series of a modality with no analysis pipeline (not in ``analysed_modalities``: CT, SR, KO,
   ...) is complete after the quiet period like any other, but its job row is written already
   ended, with the reason, and no message is sent: it never reaches a model;
@@ -22,7 +25,8 @@ from datetime import datetime, timedelta
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from dicom_node.db import (
     Delivery,
@@ -30,6 +34,7 @@ from dicom_node.db import (
     DeliveryState,
     Instance,
     Job,
+    JobSeries,
     JobState,
     Series,
     SeriesState,
@@ -136,26 +141,39 @@ class Dispatcher:
 
     # -- duties ----------------------------------------------------------------------------
     def complete_quiet_series(self) -> list[int]:
-        """Complete the quiet series and the mammography studies whose view set is whole;
-        returns the new job ids."""
+        """Complete the quiet series, the quiet mammography studies and those whose view set is
+        whole; returns the new job ids."""
         cutoff = utcnow() - timedelta(seconds=self.settings.series_quiet_seconds)
         created: list[int] = []
         with self.db.session() as session:
-            quiet = session.scalars(
-                select(Series.series_instance_uid).where(
-                    Series.state == SeriesState.RECEIVING, Series.last_instance_at <= cutoff
-                )
+            quiet = session.execute(
+                select(Series.series_instance_uid, Series.study_instance_uid, Series.modality)
+                .where(Series.state == SeriesState.RECEIVING, Series.last_instance_at <= cutoff)
             ).all()
-        for uid in quiet:
+        mammo_studies: list[str] = []
+        for uid, study, modality in quiet:
+            if self._per_study(modality):
+                if study not in mammo_studies:
+                    mammo_studies.append(study)
+                continue
             job_id = self._complete(uid, cutoff, "quiet")
             if job_id is not None:
                 created.append(job_id)
-        if self.settings.mammo_view_set == "four_views":
-            for uid in self._whole_mammo_view_sets(cutoff):
-                job_id = self._complete(uid, None, "mammography view set whole")
+        for study in mammo_studies:
+            job_id = self._complete_mammo_study(study, cutoff, "quiet")
+            if job_id is not None:
+                created.append(job_id)
+        if self.settings.mammo_view_set == "four_views" and self._per_study("MG"):
+            for study in self._whole_mammo_view_sets(cutoff):
+                job_id = self._complete_mammo_study(study, None, "mammography view set whole")
                 if job_id is not None:
                     created.append(job_id)
         return created
+
+    def _per_study(self, modality: str | None) -> bool:
+        """Whether series of ``modality`` are analysed per study (mammography)."""
+        value = (modality or "").strip().upper()
+        return value == "MG" and value in self.settings.analysed_modalities
 
     def _complete(self, uid: str, cutoff: datetime | None, why: str) -> int | None:
         """Mark one receiving series complete (still quiet since ``cutoff`` if given) and write
@@ -199,34 +217,108 @@ class Dispatcher:
             log.info("series %s complete (%s): job %d", uid, why, job_id)
         return job_id
 
-    def _whole_mammo_view_sets(self, cutoff: datetime) -> list[str]:
-        """Receiving MG series (not yet quiet) of studies whose stored MG instances hold the
-        four screening views."""
+    def _complete_mammo_study(self, study: str, cutoff: datetime | None, why: str) -> int | None:
+        """Complete the receiving MG series of ``study`` together and write one job for all its
+        MG series (the unit of mammography analysis is the study).
+
+        With ``cutoff`` (the quiet rule) nothing happens while any MG series of the study has
+        received an instance since ``cutoff``: one UPDATE completes the series only if none
+        has, so a study is never split by a series still arriving. None when no series was
+        completed (a new instance arrived meanwhile).
+        """
         with self.db.session() as session:
-            rows = session.execute(
-                select(Series.series_instance_uid, Series.study_instance_uid).where(
+            conditions = [
+                Series.study_instance_uid == study,
+                Series.modality == "MG",
+                Series.state == SeriesState.RECEIVING,
+            ]
+            if cutoff is not None:
+                busy = aliased(Series)
+                conditions.append(~exists().where(
+                    busy.study_instance_uid == study,
+                    busy.modality == "MG",
+                    busy.state == SeriesState.RECEIVING,
+                    busy.last_instance_at > cutoff,
+                ))
+            changed = changed_rows(
+                session,
+                update(Series).where(*conditions).values(state=SeriesState.COMPLETE)
+                .execution_options(synchronize_session=False),
+            )
+            if not changed:
+                return None
+            job_id, members, count = self._study_job(session, study)
+        log.info("mammography study %s complete (%s): job %d over %d series, %d instance(s)",
+                 study, why, job_id, len(members), count)
+        return job_id
+
+    @staticmethod
+    def _study_job(session: Session, study: str) -> tuple[int, list[str], int]:
+        """The job of a completed mammography study over all its completed MG series, keyed by
+        the first-received one (stable: a later series is never received earlier)."""
+        members = list(session.scalars(
+            select(Series.series_instance_uid)
+            .where(
+                Series.study_instance_uid == study,
+                Series.modality == "MG",
+                Series.state == SeriesState.COMPLETE,
+            )
+            .order_by(Series.first_instance_at, Series.series_instance_uid)
+        ).all())
+        count = session.scalar(
+            select(func.count()).select_from(Instance).where(
+                Instance.series_instance_uid.in_(members)
+            )
+        ) or 0
+        job = Job(series_instance_uid=members[0], state=JobState.PENDING, instance_count=count)
+        session.add(job)
+        session.flush()
+        session.add_all(JobSeries(job_id=job.id, series_instance_uid=uid) for uid in members)
+        return job.id, members, count
+
+    def _whole_mammo_view_sets(self, cutoff: datetime) -> list[str]:
+        """Studies with a receiving MG series (not yet quiet) whose stored MG instances hold
+        the four screening views."""
+        with self.db.session() as session:
+            studies = set(session.scalars(
+                select(Series.study_instance_uid).where(
                     Series.state == SeriesState.RECEIVING,
                     Series.modality == "MG",
                     Series.last_instance_at > cutoff,
                 )
-            ).all()
-            studies = {study for _uid, study in rows}
+            ).all())
             if not studies:
                 return []
             instances = session.execute(
-                select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.path)
+                select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.path,
+                       Instance.received_at)
                 .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
                 .where(Instance.study_instance_uid.in_(studies), Series.modality == "MG")
             ).all()
+            # when each study's latest mammography job was made
+            last_job = dict(session.execute(
+                select(Series.study_instance_uid, func.max(Job.created_at))
+                .join(JobSeries, JobSeries.series_instance_uid == Series.series_instance_uid)
+                .join(Job, Job.id == JobSeries.job_id)
+                .where(Series.study_instance_uid.in_(studies))
+                .group_by(Series.study_instance_uid)
+            ).all())
         if len(self._views) > _VIEW_CACHE_LIMIT:
             self._views.clear()
         views: dict[str, set[tuple[str | None, str | None]]] = {}
-        for sop_uid, study, path in instances:
+        before: dict[str, set[tuple[str | None, str | None]]] = {}
+        for sop_uid, study, path, received_at in instances:
             if sop_uid not in self._views:
                 self._views[sop_uid] = self._read_view(path)
             views.setdefault(study, set()).add(self._views[sop_uid])
-        whole = {study for study, seen in views.items() if seen >= SCREENING_VIEWS}
-        return [uid for uid, study in rows if study in whole]
+            if study in last_job and received_at <= last_job[study]:
+                before.setdefault(study, set()).add(self._views[sop_uid])
+        # a view set already whole at the study's last completion does not complete it again
+        # at once: images after it (an extra view, a repeat) wait for the quiet period
+        return sorted(
+            study for study, seen in views.items()
+            if seen >= SCREENING_VIEWS and not before.get(study, set()) >= SCREENING_VIEWS
+        )
 
     def _read_view(self, path: str) -> tuple[str | None, str | None]:
         try:

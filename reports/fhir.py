@@ -8,6 +8,10 @@ The report holds its Observations and the algorithm's Device as contained resour
   side when known (SCT 80248007 left breast, 73056007 right breast, else 76752008 breast);
 - one ``Observation`` ``#p-<label>`` per class: code the SR's probability concept, valueQuantity
   in UCUM ``1``;
+- a mammography study: one ``Observation`` ``#breast-right`` / ``#breast-left`` (/
+  ``#breast-unknown``) per breast, code DCM 121071 "Finding", value the breast's coded class,
+  bodySite that breast, one component per class probability; the report's own ``#finding`` is
+  the study's (the more suspicious breast), without a side when both were seen;
 - ``Observation`` ``#priority`` (when a triage decision was made): code SCT 260870009
   "Priority", value SCT 394849002 "High priority" / 394848005 "Normal priority", with the
   suspicion (probability of malignancy) as a component.
@@ -57,6 +61,15 @@ _RADIOLOGY = {
 
 
 @dataclass(frozen=True)
+class BreastFinding:
+    """One breast's finding of a mammography study (the SR's breast group)."""
+
+    laterality: str | None  # "L", "R" or None (side unknown)
+    label: str
+    probabilities: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class ReportFacts:
     """What a DiagnosticReport says about one result (read from the state DB by the caller)."""
 
@@ -78,6 +91,7 @@ class ReportFacts:
     suspicion: float | None = None
     priority: bool | None = None
     heatmap_urls: Sequence[str] = field(default_factory=tuple)
+    breasts: Sequence[BreastFinding] = field(default_factory=tuple)
 
 
 def _concept(code: Code) -> dict[str, Any]:
@@ -100,6 +114,10 @@ def _date(value: str | None) -> str | None:
     if value is None or len(value) != 8 or not value.isdigit():
         return None
     return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+
+
+def _probability(value: float) -> dict[str, Any]:
+    return {"value": round(float(value), 6), "unit": "1", "system": SYSTEMS["UCUM"], "code": "1"}
 
 
 def diagnostic_report(facts: ReportFacts) -> dict[str, Any]:
@@ -162,6 +180,26 @@ def diagnostic_report(facts: ReportFacts) -> dict[str, Any]:
             bodySite=_concept(BREAST_SITES[facts.laterality]),
         )
     ]
+    for breast in facts.breasts:
+        if breast.laterality not in BREAST_SITES:
+            raise ValueError(f"a breast's laterality must be 'L', 'R' or None, not "
+                             f"{breast.laterality!r}")
+        side = {"L": "left", "R": "right"}.get(breast.laterality or "", "unknown")
+        observations.append(
+            observation(
+                f"breast-{side}",
+                FINDING,
+                valueCodeableConcept=_concept(codes.class_concepts(breast.label).finding),
+                bodySite=_concept(BREAST_SITES[breast.laterality]),
+                component=[
+                    {
+                        "code": _concept(codes.class_concepts(label).probability),
+                        "valueQuantity": _probability(value),
+                    }
+                    for label, value in breast.probabilities.items()
+                ],
+            )
+        )
     for label, value in facts.probabilities.items():
         observations.append(
             observation(

@@ -34,6 +34,23 @@ class ResultObjects:
     segmentations: list[Dataset] = field(default_factory=list)
 
 
+def analysis_unit(sources: Sequence[Dataset]) -> str:
+    """The first part of every result UID: the sources' SeriesInstanceUID, or their
+    StudyInstanceUID when they span several series (a mammography study analysed as one)."""
+    series = {str(source.SeriesInstanceUID) for source in sources}
+    if len(series) == 1:
+        return series.pop()
+    return str(sources[0].StudyInstanceUID)
+
+
+def _instance_number(source: Dataset, index: int, several_series: bool) -> int:
+    """The source's InstanceNumber (results sort like their sources); the position in the
+    result when the sources come from several series (whose numbers repeat)."""
+    if several_series:
+        return index + 1
+    return positive_int(source.get("InstanceNumber")) or index + 1
+
+
 def _result_series_number(source: Dataset, offset: int) -> int:
     """``offset`` + the source's SeriesNumber, so results sort beside their source."""
     number = offset + (positive_int(source.get("SeriesNumber")) or 0)
@@ -80,10 +97,14 @@ def _check_inputs(
                          "per source")
     for index, source in enumerate(sources):
         check_source(source, index)
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        values = {str(source.get(keyword)) for source in sources}
-        if len(values) != 1:
-            raise ValueError(f"sources are not from one series: {len(values)} {keyword} values")
+    studies = {str(source.get("StudyInstanceUID")) for source in sources}
+    if len(studies) != 1:
+        raise ValueError(f"sources are not from one study: {len(studies)} StudyInstanceUID "
+                         "values")
+    series = {str(source.get("SeriesInstanceUID")) for source in sources}
+    if len(series) != 1 and {str(source.get("Modality")) for source in sources} != {"MG"}:
+        raise ValueError(f"sources are not from one series: {len(series)} SeriesInstanceUID "
+                         "values (only a mammography study is analysed across series)")
     sop_uids = [str(source.SOPInstanceUID) for source in sources]
     if len(set(sop_uids)) != len(sop_uids):
         raise ValueError("the same SOPInstanceUID appears more than once in sources")
@@ -165,11 +186,14 @@ def build_results(
 ) -> ResultObjects:
     """Build the SR and the heatmap SCs for one analysed series.
 
-    ``sources`` are the analysed instances of one series, ``images[i]`` the uint8 RGB display
-    image of ``sources[i]`` and ``predictions[i]`` its prediction; ``series_prediction`` is the
-    finding the SR reports for the series. Both objects go into new series of the source study.
+    ``sources`` are the analysed instances of one series, or of several series of one study (a
+    mammography study: its views often come one series each), ``images[i]`` the uint8 RGB
+    display image of ``sources[i]`` and ``predictions[i]`` its prediction;
+    ``series_prediction`` is the finding the SR reports for the series (the study). Both objects
+    go into new series of the source study.
 
-    Every UID is derived from the source SeriesInstanceUID, the model (name, version, sha256),
+    Every UID is derived from the source SeriesInstanceUID (the StudyInstanceUID when the
+    sources span several series: :func:`analysis_unit`), the model (name, version, sha256),
     the set of source SOP Instance UIDs (:func:`reports.uids.source_set`) and a role: building
     again from the same instances with the same model gives the same UIDs (a retried task), and
     a series that gained an instance, or a new model, gives new ones (a new result, never an
@@ -200,9 +224,11 @@ def build_results(
              series_prediction.model_sha256)
 
     instances = source_set(str(source.SOPInstanceUID) for source in sources)
+    unit = analysis_unit(sources)
+    several_series = len({str(source.SeriesInstanceUID) for source in sources}) > 1
 
     def uid(role: str) -> str:
-        return derive_uid(str(first.SeriesInstanceUID), *model, instances, role)
+        return derive_uid(unit, *model, instances, role)
 
     if predecessor is not None:
         _check_predecessor(predecessor, first, uid("sr-instance"))
@@ -259,7 +285,7 @@ def build_results(
             series_instance_uid=sc_series_uid,
             series_number=sc_series_number,
             sop_instance_uid=uid(f"sc-instance-{source.SOPInstanceUID}"),
-            instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
+            instance_number=_instance_number(source, index, several_series),
             manufacturer=manufacturer,
             software_version=software_version,
         )
@@ -281,7 +307,7 @@ def build_results(
                 series_instance_uid=seg_series_uid,
                 series_number=seg_series_number,
                 sop_instance_uid=uid(f"seg-instance-{source.SOPInstanceUID}"),
-                instance_number=positive_int(source.get("InstanceNumber")) or index + 1,
+                instance_number=_instance_number(source, index, several_series),
                 manufacturer=manufacturer,
                 software_version=software_version,
             ))

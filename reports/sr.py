@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom import Dataset
+from pydicom.sr.codedict import codes as dicom_codes
 
 from inference.prediction import Prediction
 from reports import codes
@@ -16,6 +17,7 @@ from reports.slide import slide_measurements
 SR_SERIES_DESCRIPTION = "breastcad AI findings"
 DEVICE_OBSERVER_NAME = "breastcad"
 TRACKING_IDENTIFIER = "breastcad series finding"
+BILATERAL = dicom_codes.cid244.Bilateral  # SCT 51440002 "Right and left" (a study finding)
 
 _PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})
@@ -86,7 +88,8 @@ class FindingGroup:
     """One TID 1501 measurement group: the finding about some of the sources.
 
     ``source_indices`` index the ``sources`` of :func:`build_sr`; ``laterality`` ('L', 'R') is
-    the finding site's (a per-breast group), None to take it from the sources when they agree;
+    the finding site's (a per-breast group), 'B' both breasts (SCT 51440002, a mammography
+    study's finding over both), None to take it from the sources when they agree;
     ``tracking_uid`` must be unique per group (:func:`reports.build_results` derives one when it
     is empty).
     """
@@ -104,7 +107,7 @@ def _finding_site(sources: Sequence[Dataset], side: str | None = None) -> hd.sr.
         side = sides.pop() if len(sides) == 1 else None
     return hd.sr.FindingSite(
         anatomic_location=codes.BREAST,
-        laterality={"R": codes.RIGHT, "L": codes.LEFT}.get(side or ""),
+        laterality={"R": codes.RIGHT, "L": codes.LEFT, "B": BILATERAL}.get(side or ""),
     )
 
 
@@ -179,8 +182,9 @@ def build_sr(
     ``sources[i]`` that the finding refers to (the most suspicious frame of a multi-frame
     image): it is the Referenced Frame Number of that source image in the groups.
 
-    ``similar_cases`` (nearest past cases of other studies) are listed in the measurement group of
-    ``series_prediction`` (the first group if none is),
+    ``similar_cases`` (nearest past cases of other studies) are listed in the last measurement
+    group whose prediction is ``series_prediction`` (a mammography study's own group, after its
+    breasts'; the first group if none is),
     one "Similar case" container each (:func:`similar_case_items`).
     """
     if frame_numbers is not None and len(frame_numbers) != len(sources):
@@ -243,7 +247,8 @@ def build_sr(
     ]
     if similar_cases:
         # after the TID 1501 rows: each similar case's study, finding and distance
-        target = next((n for n, g in enumerate(groups) if g.prediction is series_prediction), 0)
+        target = max((n for n, g in enumerate(groups) if g.prediction is series_prediction),
+                     default=0)
         measurement_groups[target][0].ContentSequence.extend(similar_case_items(similar_cases))
     library = [view for view in views if _library_entry_ok(view)]
     report = hd.sr.MeasurementReport(
@@ -284,7 +289,7 @@ def _check_groups(groups: Sequence[FindingGroup], count: int) -> None:
             raise ValueError(f"groups[{number}] refers to no source image")
         if any(not 0 <= i < count for i in group.source_indices):
             raise ValueError(f"groups[{number}] refers to a source index outside 0..{count - 1}")
-        if group.laterality not in (None, "L", "R"):
-            raise ValueError(f"groups[{number}]: laterality must be 'L', 'R' or None, "
+        if group.laterality not in (None, "L", "R", "B"):
+            raise ValueError(f"groups[{number}]: laterality must be 'L', 'R', 'B' or None, "
                              f"not {group.laterality!r}")
         codes.class_concepts(group.prediction.label)

@@ -13,10 +13,12 @@ Per image:
 - classified (the MG classifier crops to the breast itself and returns its heatmap in the frame
   of the image it was given), and the heatmap flipped back, so the SC shows the image as
   received with the heatmap where the model looked.
-Per breast: the views (CC, MLO, ...) of one side are combined by the mean of their class
-probabilities (each view is another look at the same breast); the breast's heatmap is its most
-suspicious view's. Images with no laterality form an "unknown side" group. Per study (the
-series' finding, the result row, triage): the most suspicious breast, since a screening study is
+The unit is the study: the worker gives all MG images of the study, whatever their series (a
+screening study often comes as four series of one view each). Per breast: the views (CC, MLO,
+...) of one side are combined by the mean of their class probabilities (each view is another
+look at the same breast); the breast's heatmap is its most suspicious view's. Images with no
+laterality form an "unknown side" group. Per study (the result row, triage, and the SR's study
+group when there are two breast groups): the most suspicious breast, since a screening study is
 as suspicious as its worse breast.
 """
 
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from inference import Prediction
 from inference.dicom_pixels import image_laterality, mammo_flips, view_position
 from reports.sr import FindingGroup
 from workers.analysis import (
@@ -42,6 +45,7 @@ from workers.analysis import (
 
 BREAST_TRACKING_IDENTIFIER = {"L": "breastcad left breast", "R": "breastcad right breast",
                               None: "breastcad breast, side unknown"}
+STUDY_TRACKING_IDENTIFIER = "breastcad study finding"
 
 
 def _flip(array: np.ndarray, flip_lr: bool, flip_ud: bool) -> np.ndarray:
@@ -100,7 +104,7 @@ def analyse_instance(
 def breast_groups(
     analyses: Sequence[ImageAnalysis],
 ) -> tuple[list[FindingGroup], list[dict[str, object]]]:
-    """One finding group per breast (L, R, then unknown side), with facts for the result row."""
+    """One finding group per breast (R, L, then unknown side), with facts for the result row."""
     sides: dict[str | None, list[int]] = {}
     for index, analysis in enumerate(analyses):
         sides.setdefault(image_laterality(analysis.source), []).append(index)
@@ -119,23 +123,58 @@ def breast_groups(
             laterality=side,
             tracking_identifier=BREAST_TRACKING_IDENTIFIER[side],
         ))
-        details.append({
-            "laterality": side,
-            "label": finding.label,
-            "probabilities": dict(finding.probabilities),
-            "views": [view_position(analyses[i].source) for i in indices],
-            "sop_instance_uids": [str(analyses[i].source.SOPInstanceUID) for i in indices],
-        })
+        details.append(_group_detail("breast", side, finding, analyses, indices))
     return groups, details
+
+
+def _group_detail(
+    scope: str,
+    side: str | None,
+    finding: Prediction,
+    analyses: Sequence[ImageAnalysis],
+    indices: Sequence[int],
+) -> dict[str, object]:
+    return {
+        "scope": scope,
+        "laterality": side,
+        "label": finding.label,
+        "probabilities": dict(finding.probabilities),
+        "views": [view_position(analyses[i].source) for i in indices],
+        "sop_instance_uids": [str(analyses[i].source.SOPInstanceUID) for i in indices],
+        # the images the finding used: 1-based index in the result (its heatmap), series, view
+        "images": [
+            {
+                "index": i + 1,
+                "sop_instance_uid": str(analyses[i].source.SOPInstanceUID),
+                "series_instance_uid": str(analyses[i].source.get("SeriesInstanceUID", "")),
+                "view_position": view_position(analyses[i].source),
+            }
+            for i in indices
+        ],
+    }
 
 
 def analyse_series(
     datasets: Sequence[Dataset], classifier: Predictor, max_side: int | None = None
 ) -> SeriesAnalysis:
+    """A mammography study (all its MG images, whatever their series): per image, per breast,
+    and the study finding, the more suspicious breast. With two or more breast groups the SR
+    also gets the study's own group (Finding Site breast, laterality "right and left" when both
+    sides were seen) over all the images."""
     analyses = [analyse_instance(ds, classifier, max_side) for ds in datasets]
     groups, details = breast_groups(analyses)
     study = max(groups, key=lambda group: suspicion_key(group.prediction)).prediction
+    if len(groups) > 1:
+        sides = {group.laterality for group in groups}
+        side = "B" if {"L", "R"} <= sides else None
+        indices = tuple(range(len(analyses)))
+        groups.append(FindingGroup(
+            prediction=study,
+            source_indices=indices,
+            laterality=side,
+            tracking_identifier=STUDY_TRACKING_IDENTIFIER,
+        ))
+        details.append(_group_detail("study", side, study, analyses, indices))
     return SeriesAnalysis(
         analyses=analyses, series_prediction=study, groups=groups, group_details=details
     )
-

@@ -20,7 +20,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dicom_node import similar
@@ -32,6 +32,7 @@ from dicom_node.db import (
     DeliveryState,
     Instance,
     Job,
+    JobSeries,
     JobState,
     Result,
     Series,
@@ -206,19 +207,35 @@ def _finish_job(ctx: WorkerContext, job_id: int, state: JobState, reason: str | 
     return state
 
 
-def _load_datasets(
-    ctx: WorkerContext, series_uid: str
-) -> tuple[list[Dataset], Series, list[str]]:
-    """The stored instances of the series, its row, and their paths in the instance store."""
+def _job_series(ctx: WorkerContext, job: Job) -> tuple[list[str], bool]:
+    """The series job ``job`` analyses, and whether it is a study job: those of its
+    ``job_series`` rows (a mammography study, first-received series first), else its own."""
     with ctx.db.session() as session:
-        series = session.get(Series, series_uid)
-        rows = session.scalars(
-            select(Instance)
-            .where(Instance.series_instance_uid == series_uid)
-            .order_by(Instance.instance_number, Instance.received_at)
+        members = session.scalars(
+            select(JobSeries.series_instance_uid)
+            .join(Series, Series.series_instance_uid == JobSeries.series_instance_uid)
+            .where(JobSeries.job_id == job.id)
+            .order_by(Series.first_instance_at, Series.series_instance_uid)
         ).all()
+    return (list(members), True) if members else ([job.series_instance_uid], False)
+
+
+def _load_datasets(
+    ctx: WorkerContext, job: Job, series_uids: Sequence[str]
+) -> tuple[list[Dataset], Series, list[str]]:
+    """The stored instances of the job's series (in that order), the job's own series row, and
+    the instances' paths in the instance store."""
+    with ctx.db.session() as session:
+        series = session.get(Series, job.series_instance_uid)
+        rows: list[Instance] = []
+        for uid in series_uids:
+            rows += session.scalars(
+                select(Instance)
+                .where(Instance.series_instance_uid == uid)
+                .order_by(Instance.instance_number, Instance.received_at)
+            ).all()
     if series is None or not rows:
-        raise AnalysisFailed(f"series {series_uid} has no stored instances")
+        raise AnalysisFailed(f"series {', '.join(series_uids)} has no stored instances")
     datasets: list[Dataset] = []
     for row in rows:
         path = ctx.settings.store_dir / row.path
@@ -233,19 +250,32 @@ def _load_datasets(
 
 
 def _predecessor(
-    ctx: WorkerContext, series_uid: str, sop_uids: set[str], prediction: Prediction
+    ctx: WorkerContext,
+    job: Job,
+    per_study: bool,
+    sop_uids: set[str],
+    prediction: Prediction,
 ) -> tuple[int, Dataset] | None:
-    """The latest earlier result of the series that this one supersedes, as an SR reference.
+    """The latest earlier result of the job's series (``per_study``: the latest mammography
+    result of its study, whichever series it was keyed by) that this one supersedes, as an SR
+    reference.
 
     None when there is none, or when it was made from the same instances by the same model
     (then the new SR has the same UIDs: it is the same result made again, not a new one).
     """
+    scope: ColumnElement[bool]
     with ctx.db.session() as session:
+        if per_study:
+            study = session.scalar(
+                select(Series.study_instance_uid)
+                .where(Series.series_instance_uid == job.series_instance_uid)
+            )
+            scope = (Result.study_instance_uid == study) & (Result.modality == "MG")
+        else:
+            scope = Result.series_instance_uid == job.series_instance_uid
         previous = session.scalars(
-            select(Result)
-            .where(Result.series_instance_uid == series_uid)
-            .order_by(Result.id.desc())
-            .limit(1)
+            select(Result).where(scope, Result.job_id != job.id)
+            .order_by(Result.id.desc()).limit(1)
         ).first()
     if previous is None:
         return None
@@ -315,7 +345,9 @@ def _images_only(datasets: list[Dataset], paths: list[str]) -> tuple[list[Datase
 
 
 def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
-    datasets, series, source_paths = _load_datasets(ctx, job.series_instance_uid)
+    # a mammography study job (job_series rows) covers every MG series of its study
+    series_uids, per_study = _job_series(ctx, job)
+    datasets, series, source_paths = _load_datasets(ctx, job, series_uids)
     modality = str(datasets[0].get("Modality", "")).strip() or (series.modality or "")
     if modality.upper() not in ctx.settings.analysed_modalities:
         raise AnalysisFailed(
@@ -353,7 +385,8 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
     priority = is_priority(suspicious, ctx.settings.priority_threshold)
     predecessor = _predecessor(
         ctx,
-        job.series_instance_uid,
+        job,
+        per_study,
         {str(ds.SOPInstanceUID) for ds in datasets},
         series_prediction,
     )
@@ -427,6 +460,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                 "per_image": [
                     {
                         "sop_instance_uid": str(a.source.SOPInstanceUID),
+                        "series_instance_uid": str(a.source.SeriesInstanceUID),
                         "label": a.prediction.label,
                         "probabilities": dict(a.prediction.probabilities),
                         "laterality": _laterality(a.source),
@@ -558,13 +592,22 @@ def _embedding_rows(
     if len(usable) != len(images):
         log.warning("result %d: %d image(s) without a usable embedding are not indexed",
                     result.id, len(images) - len(usable))
-    return similar.embedding_rows(
-        result_id=result.id,
-        study_instance_uid=result.study_instance_uid,
-        series_instance_uid=result.series_instance_uid,
-        images=usable,
-        key=similar.model_key(result.model_name, result.model_sha256),
-    )
+    # each image under its own series (a mammography study's images come from several)
+    series_of = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in datasets}
+    by_series: dict[str, list[tuple[int, str, str, np.ndarray]]] = {}
+    for image in usable:
+        by_series.setdefault(series_of[image[1]], []).append(image)
+    return [
+        row
+        for series_uid, members in by_series.items()
+        for row in similar.embedding_rows(
+            result_id=result.id,
+            study_instance_uid=result.study_instance_uid,
+            series_instance_uid=series_uid,
+            images=members,
+            key=similar.model_key(result.model_name, result.model_sha256),
+        )
+    ]
 
 
 # -- delivery -------------------------------------------------------------------------------

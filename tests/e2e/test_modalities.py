@@ -3,7 +3,8 @@
 One batch (to keep the suite quick) holds:
 - a four-view screening mammography study built from mini-MIAS (one woman's right and left
   MLO films; mini-MIAS has no CC views, so the CC slots hold the same films with CC attributes),
-  patient name in ISO_IR 100;
+  one series per view as many modalities send them (analysed as one study: one job, one SR
+  over both breasts and all four series), patient name in ISO_IR 100;
 - the two CBIS-DDSM samples (Secondary Capture, Modality MG, 16-bit RLE) and the MG test
   pattern;
 - every US sample (RGB, PALETTE COLOR native and RLE, MONOCHROME2, YBR_FULL_422 JPEG
@@ -19,7 +20,6 @@ model's verdict.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +28,6 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 import pytest
-import torch
 from node_process import Node
 from PIL import Image
 from pydicom import dcmread
@@ -44,17 +43,16 @@ from support.dcmtk import dciodvfy, require_tool, store_responses, storescu
 from support.dicom_factory import busi_as_ultrasound, mias_as_mammogram, write_dataset
 from support.orthanc import OrthancServer
 from support.shared_data import busi_png_paths
+from support.untrained_mg import write_untrained_mg_model
 
 from inference import ModelNotAvailableError, image_from_dataset, load_bundled
-from inference.card import sha256_file
-from inference.networks import BusiCNN
 
 pytestmark = pytest.mark.e2e
 
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 MEASUREMENT_GROUP = "125007"
 FINDING_SITE = "363698007"
-LATERALITY = {"24028007": "R", "7771000": "L"}
+LATERALITY = {"24028007": "R", "7771000": "L", "51440002": "B"}
 UTF8_NAME = "山田^花子=ヤマダ^ハナコ"
 LATIN1_NAME = "Müller-Lüdenscheidt^Zoë"
 
@@ -67,20 +65,7 @@ def mg_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         return []
     except ModelNotAvailableError:
         pass
-    folder = tmp_path_factory.mktemp("mg-model")
-    params: dict[str, Any] = {"in_channels": 1, "num_classes": 3, "widths": [8, 16, 32, 64],
-              "blocks_per_stage": 1, "dropout": 0.0, "stem_pool": True}
-    torch.manual_seed(0)
-    torch.save(BusiCNN(**params).state_dict(), folder / "mg_untrained.pt")
-    card = {
-        "name": "mg_untrained_test", "version": "0.0.1", "modality": "MG",
-        "architecture": "BusiCNN", "architecture_params": params, "input_size": 128,
-        "in_channels": 1, "labels": ["normal", "benign", "malignant"],
-        "weights": "mg_untrained.pt", "sha256": sha256_file(folder / "mg_untrained.pt"),
-        "intended_use": "tests only: untrained",
-    }
-    (folder / "mg_untrained.json").write_text(json.dumps(card))
-    return [str(folder)]
+    return [str(write_untrained_mg_model(tmp_path_factory.mktemp("mg-model")))]
 
 
 def _walk(items: Any) -> Iterator[Dataset]:
@@ -135,7 +120,7 @@ def _batch(shared_data: Path, tmp_path: Path) -> dict[str, list[Path]]:
     mias = shared_data / "mini-mias"
     if not (mias / "benign/mdb001.png").is_file():
         pytest.skip(f"mini-MIAS not found in {mias}")
-    study, series = generate_uid(), generate_uid()
+    study = generate_uid()
     four: list[Path] = []
     views: list[tuple[str, Literal["L", "R"], Literal["CC", "MLO"]]] = [
         ("benign/mdb001.png", "R", "CC"), ("benign/mdb001.png", "R", "MLO"),
@@ -143,8 +128,9 @@ def _batch(shared_data: Path, tmp_path: Path) -> dict[str, list[Path]]:
     ]
     for number, (png, side, view) in enumerate(views, start=1):
         ds = mias_as_mammogram(mias / png, side=side, view=view, patient_id="MIAS-p001",
-                               study_instance_uid=study, series_instance_uid=series,
-                               instance_number=number, patient_name=LATIN1_NAME)
+                               study_instance_uid=study, series_instance_uid=generate_uid(),
+                               instance_number=1, patient_name=LATIN1_NAME)
+        ds.SeriesNumber = number
         four.append(write_dataset(ds, tmp_path / "mg" / f"MG_{number}.dcm"))
     batch["mg_four_views"] = four
     samples = shared_data / "dicom-samples"
@@ -191,7 +177,8 @@ def test_every_modality_end_to_end(
     }
     series_of = {str(ds.SeriesInstanceUID): ds for ds in headers.values()}
     ignored = {str(headers[p].SeriesInstanceUID) for p in batch["ignored"]}
-    four_series = str(headers[batch["mg_four_views"][0]].SeriesInstanceUID)
+    four_series = [str(headers[p].SeriesInstanceUID) for p in batch["mg_four_views"]]
+    four_study = str(headers[batch["mg_four_views"][0]].StudyInstanceUID)
     with Node(
         tmp_path / "node",
         pacs_port=orthanc.dicom_port,
@@ -202,10 +189,13 @@ def test_every_modality_end_to_end(
             assert sent.returncode == 0, sent.stderr
             responses = store_responses(sent)
             assert responses == ["Success"] * len(files), responses
-            jobs = _wait_for_jobs(node, len(series_of), timeout=600)
+            # one job per series, but one for the four series of the mammography study
+            jobs = _wait_for_jobs(node, len(series_of) - 3, timeout=600)
             log = node.log_tail(100_000)
             by_series = {j["series_instance_uid"]: j for j in jobs}
-            assert set(by_series) == set(series_of)
+            assert len(by_series) == len(jobs) == len(series_of) - 3
+            assert by_series[four_series[0]]["series_instance_uids"] == four_series
+            assert {uid for j in jobs for uid in j["series_instance_uids"]} == set(series_of)
             for uid, job in by_series.items():
                 if uid in ignored:
                     assert job["state"] == "done", job
@@ -213,7 +203,8 @@ def test_every_modality_end_to_end(
                 else:
                     assert job["state"] == "done" and job["reason"] is None, (uid, job)
             # the four views completed the study before its quiet period
-            assert f"series {four_series} complete (mammography view set whole)" in log
+            assert f"mammography study {four_study} complete (mammography view set whole): " \
+                f"job {by_series[four_series[0]]['id']} over 4 series" in log
             _check_pacs(node, orthanc, batch, headers, ignored, tmp_path)
         except AssertionError:
             print(node.log_tail())
@@ -244,11 +235,12 @@ def _check_pacs(
     analysed = [p for role, paths in batch.items() if role != "ignored" for p in paths]
     analysed_series = {str(headers[p].SeriesInstanceUID) for p in analysed}
     source_of = {str(headers[p].SOPInstanceUID): p for p in analysed}
+    units = len(analysed_series) - 3  # the four-series mammography study is one
 
     def arrived(tags: list[dict[str, Any]]) -> bool:
         srs = [t for t in tags if t.get("Modality") == "SR"]
         scs = [t for t in tags if t.get("SOPClassUID") == SC_STORAGE]
-        return len(srs) >= len(analysed_series) and len(scs) >= len(analysed)
+        return len(srs) >= units and len(scs) >= len(analysed)
 
     tags = orthanc.wait_for_instances(arrived, timeout=180)
     folder = tmp_path / "from-pacs"
@@ -264,18 +256,22 @@ def _check_pacs(
         assert verdict.errors == [], (path.name, verdict.output)
         ds = dcmread(path)
         if ds.Modality == "SR":
-            evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
-            source_series = str(evidence.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            srs[source_series] = ds
+            [evidence] = ds.CurrentRequestedProcedureEvidenceSequence
+            for referenced in evidence.ReferencedSeriesSequence:
+                assert str(referenced.SeriesInstanceUID) not in srs  # one SR per series
+                srs[str(referenced.SeriesInstanceUID)] = ds
         else:
             scs[str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)] = ds
     assert set(srs) == analysed_series  # one SR per analysed series; none for CT or SR
+    assert len({sr.SOPInstanceUID for sr in srs.values()}) == units
     assert set(scs) == set(source_of)  # one heatmap SC per analysed image
     assert not ignored & set(srs)
 
-    # mammography: one group per breast, right then left; CBIS samples one group each
-    four = str(headers[batch["mg_four_views"][0]].SeriesInstanceUID)
-    assert _group_sides(srs[four]) == ["R", "L"]
+    # mammography: one SR for the study's four series, one group per breast (right, left),
+    # then the study's (right and left); CBIS samples one group each
+    four = [str(headers[p].SeriesInstanceUID) for p in batch["mg_four_views"]]
+    assert len({srs[uid].SOPInstanceUID for uid in four}) == 1
+    assert _group_sides(srs[four[0]]) == ["R", "L", "B"]
     for path in batch["mg_samples"]:
         side = headers[path].get("ImageLaterality") or headers[path].get("Laterality")
         assert _group_sides(srs[str(headers[path].SeriesInstanceUID)]) == [side], path.name
@@ -321,6 +317,16 @@ def _check_pacs(
         else:
             assert item["frame_number"] is None
             assert "ReferencedFrameNumber" not in sc.SourceImageSequence[0]
+
+    # the API: the study's result, its breasts and the views each used
+    study_uid = str(headers[batch["mg_four_views"][0]].StudyInstanceUID)
+    body = node.client.get(f"/studies/{study_uid}").json()
+    [mammo_result] = body["results"]
+    assert mammo_result["series_instance_uids"] == four
+    breasts = mammo_result["breasts"]
+    assert [b["laterality"] for b in breasts] == ["R", "L"]
+    assert [[v["view_position"] for v in b["views"]] for b in breasts] == [["CC", "MLO"]] * 2
+    assert [v["series_instance_uid"] for b in breasts for v in b["views"]] == four
 
     # patient names survive unchanged, in their character sets
     for path in batch["us_utf8"] + batch["mg_four_views"][:1]:

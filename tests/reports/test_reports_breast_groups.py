@@ -172,4 +172,4 @@ def test_bad_groups_and_frames_are_refused(
         build_results([source], [image], [prediction], series_prediction=prediction,
                       software_version="t",
                       groups=[FindingGroup(prediction=prediction, source_indices=(0,),
-                                           laterality="B")])
+                                           laterality="X")])

@@ -91,3 +91,29 @@ def test_unknown_label_or_side_is_a_value_error() -> None:
         diagnostic_report(_facts(label="weird"))
     with pytest.raises(ValueError, match="laterality"):
         diagnostic_report(_facts(laterality="B"))
+
+
+def test_mammography_report_has_one_finding_per_breast() -> None:
+    from reports.fhir import BreastFinding
+
+    right = {"normal": 0.2, "benign": 0.1, "malignant": 0.7}
+    left = {"normal": 0.8, "benign": 0.1, "malignant": 0.1}
+    report = diagnostic_report(_facts(
+        modality="MG", laterality=None, probabilities=right,
+        breasts=[BreastFinding("R", "malignant", right), BreastFinding("L", "normal", left)],
+    ))
+    DiagnosticReport.model_validate(report)
+    contained = {r["id"]: r for r in report["contained"]}
+    assert {"breast-right", "breast-left"} <= set(contained)
+    assert {"#breast-right", "#breast-left"} <= {r["reference"] for r in report["result"]}
+    for ident, site, finding, probabilities in (
+        ("breast-right", "73056007", "254837009", right),
+        ("breast-left", "80248007", "111287", left),
+    ):
+        observation = contained[ident]
+        assert observation["bodySite"]["coding"][0]["code"] == site
+        assert observation["valueCodeableConcept"]["coding"][0]["code"] == finding
+        assert [c["valueQuantity"]["value"] for c in observation["component"]] == \
+            list(probabilities.values())
+    with pytest.raises(ValueError, match="laterality"):
+        diagnostic_report(_facts(breasts=[BreastFinding("B", "normal", left)]))

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support.untrained_mg import write_untrained_mg_model
 
 from inference import (
     Classifier,
@@ -152,16 +153,24 @@ def test_mammo_views_combine_per_breast_and_study_is_worst_breast() -> None:
     ]
     series = mammo.analyse_series(views, BrightnessModel())
     assert series.groups is not None
-    assert [g.laterality for g in series.groups] == ["R", "L"]
-    assert [g.source_indices for g in series.groups] == [(0, 1), (2, 3)]
-    for group in series.groups:
+    # one group per breast, then the study's own over both (SR Finding Site right and left)
+    assert [g.laterality for g in series.groups] == ["R", "L", "B"]
+    assert [g.source_indices for g in series.groups] == [(0, 1), (2, 3), (0, 1, 2, 3)]
+    for group in series.groups[:2]:
         members = [series.analyses[i].prediction for i in group.source_indices]
         for label in LABELS:
             mean = np.mean([p.probabilities[label] for p in members])
             assert group.prediction.probabilities[label] == pytest.approx(mean)
-    worst = max(series.groups, key=lambda g: g.prediction.probabilities["malignant"])
+    worst = max(series.groups[:2], key=lambda g: g.prediction.probabilities["malignant"])
     assert series.series_prediction.probabilities == worst.prediction.probabilities
-    assert [d["views"] for d in series.group_details] == [["CC", "MLO"], ["CC", "MLO"]]
+    assert series.groups[2].prediction is series.series_prediction
+    assert [d["views"] for d in series.group_details] == [["CC", "MLO"], ["CC", "MLO"],
+                                                          ["CC", "MLO", "CC", "MLO"]]
+    assert [d["scope"] for d in series.group_details] == ["breast", "breast", "study"]
+
+    # one breast only: its group is the study finding, no separate study group
+    single = mammo.analyse_series(views[:2], BrightnessModel())
+    assert single.groups is not None and [g.laterality for g in single.groups] == ["R"]
 
 
 def test_ultrasound_multiframe_picks_the_most_suspicious_sampled_frame(
@@ -226,15 +235,24 @@ def test_an_instance_without_pixels_is_refused_with_the_reason(us_model: Classif
         ultrasound.analyse_instance(ds, us_model, max_frames=4)
 
 
-def test_for_processing_twin_gets_the_same_result(us_model: Classifier) -> None:
+@pytest.mark.parametrize("which", ["trained", "mg_recipe"])
+def test_for_processing_twin_gets_the_same_result(
+    us_model: Classifier, which: str, tmp_path: Path
+) -> None:
     """A mini-MIAS film as For Presentation and as its For Processing twin (raw values linear
-    in intensity, I = I0 exp(-3 density), 14 bits) get the same finding within 0.02. With the
-    bundled MG model when there is one; until then the bundled US network stands in as the
-    real CNN that sees both (what is compared is what the pixel pipeline feeds any model)."""
-    try:
-        model: Classifier = load_bundled("MG")
-    except ModelNotAvailableError:
-        model = us_model
+    in intensity, I = I0 exp(-3 density), 14 bits) get the same finding within 0.02. "trained":
+    the bundled MG model when there is one; until then the bundled US network stands in as the
+    real CNN that sees both (what is compared is what the pixel pipeline feeds any model).
+    "mg_recipe": an untrained one-channel network with the MG recipe's breast crop, so the
+    crop (found on each twin's own display pixels) is part of what must agree."""
+    model: Classifier
+    if which == "mg_recipe":
+        model = load_bundled("MG", write_untrained_mg_model(tmp_path / "mg"))
+    else:
+        try:
+            model = load_bundled("MG")
+        except ModelNotAvailableError:
+            model = us_model
     film = _mias("mdb001")
     presentation = _mg(film, "R", "MLO", ["P", "F"])
     raw = np.rint(16000.0 * np.exp(-3.0 * film.astype(np.float64) / 255.0)).astype(np.uint16)
