@@ -224,9 +224,16 @@ class Dispatcher:
         With ``cutoff`` (the quiet rule) nothing happens while any MG series of the study has
         received an instance since ``cutoff``: one UPDATE completes the series only if none
         has, so a study is never split by a series still arriving. None when no series was
-        completed (a new instance arrived meanwhile).
+        completed (a new instance arrived meanwhile, or one is still being written).
         """
         with self.db.session() as session:
+            active = self.writes.active()
+            if active and active & set(session.scalars(
+                select(Series.series_instance_uid).where(
+                    Series.study_instance_uid == study, Series.modality == "MG"
+                )
+            ).all()):
+                return None  # an instance of one of its series is being written
             conditions = [
                 Series.study_instance_uid == study,
                 Series.modality == "MG",
