@@ -212,11 +212,60 @@ async function similarCases(result, container) {
         ` - distance ${c.distance.toFixed(3)}`)))));
 }
 
-function resultBlock(result) {
+const SIDES = { R: "Right breast", L: "Left breast" };
+
+function sideName(laterality) {
+  return SIDES[laterality] || "Breast, side unknown";
+}
+
+function viewName(view) {
+  return [view.laterality, view.view_position].filter(Boolean).join(" ") || "view";
+}
+
+function sourceSrc(sop, size) {
+  return `/instances/${encodeURIComponent(sop)}/image.png` + (size ? `?size=${size}` : "");
+}
+
+// the per-breast findings of a mammography result: right breast first (on the left, as hung)
+function breastPanels(result) {
+  return el("div", { class: "breasts" }, result.breasts.map((breast) => {
+    const probability = breast.probabilities ? breast.probabilities[breast.label] : null;
+    return el("section", { class: "breast", "data-laterality": breast.laterality || "unknown" },
+      el("h3", {},
+        sideName(breast.laterality), ": ",
+        el("span", { class: "breast-finding", text: `${breast.label || "-"} ${pct(probability)}` })),
+      breast.probabilities ? probabilityTable({ probabilities: breast.probabilities }) : null,
+      el("div", { class: "views" }, breast.views.map((view) => {
+        const name = viewName({ laterality: breast.laterality, ...view });
+        return el("div", { class: "view", "data-sop": view.sop_instance_uid,
+                           "data-series": view.series_instance_uid },
+          el("figure", {},
+            el("img", { class: "source", src: sourceSrc(view.sop_instance_uid, 512), alt: name }),
+            el("figcaption", { text: `${name} source` })),
+          view.heatmap ? el("figure", {},
+            el("img", { class: "heatmap", src: view.heatmap, alt: `heatmap ${name}` }),
+            el("figcaption", { text: `${name} heatmap` })) : null,
+        );
+      })),
+    );
+  }));
+}
+
+function imagesOf(result) {
+  // the images no breast panel shows (all of them for US and SM results)
   const perImage = result.per_image || [];
+  const shown = new Set((result.breasts || []).flatMap((b) => b.views.map((v) => v.index)));
+  return result.heatmaps.map((link, i) => ({ link, image: perImage[i] || {}, index: i + 1 }))
+    .filter((entry) => !shown.has(entry.index));
+}
+
+function resultBlock(result) {
+  const breasts = result.breasts || [];
+  const images = imagesOf(result);
   const similar = el("div", { class: "similar-cases" }, el("p", { class: "muted", text: "loading..." }));
   const block = el("div", { class: "result", "data-result": result.id },
     el("p", {},
+      breasts.length ? el("span", { class: "muted", text: "Study finding (the more suspicious breast): " }) : "",
       el("span", { class: "finding", text: `${result.label} ${pct(result.probability)}` }),
       " ",
       result.priority ? el("span", { class: "badge high", text: "HIGH PRIORITY" }) : "",
@@ -224,24 +273,70 @@ function resultBlock(result) {
       el("span", { class: "muted", text: ` model ${result.model.name} ${result.model.version}` }),
       " ", el("a", { href: result.sr, text: "SR" }),
       result.predecessor_id ? el("span", { class: "muted", text: ` supersedes result ${result.predecessor_id}` }) : ""),
-    probabilityTable(result),
-    el("h3", { text: "Images" }),
-    el("div", { class: "images" }, result.heatmaps.map((link, i) => {
-      const image = perImage[i] || {};
-      return [
+    breasts.length ? breastPanels(result) : probabilityTable(result),
+    images.length ? [
+      el("h3", { text: breasts.length ? "Other images" : "Images" }),
+      el("div", { class: "images" }, images.map(({ link, image }) => [
         image.sop_instance_uid ? el("figure", {},
-          el("img", { class: "source", src: `/instances/${encodeURIComponent(image.sop_instance_uid)}/image.png`, alt: "source image" }),
+          el("img", { class: "source", src: sourceSrc(image.sop_instance_uid), alt: "source image" }),
           el("figcaption", { text: "source" + (image.laterality ? " " + image.laterality : "") })) : null,
         el("figure", {},
           el("img", { class: "heatmap", src: link, alt: "heatmap " + (image.label || result.label) }),
           el("figcaption", { text: `heatmap: ${image.label || result.label}` })),
-      ];
-    })),
+      ])),
+    ] : null,
     el("h3", { text: "Similar past cases" }), similar,
     el("h3", { text: "Deliveries" }), deliveriesTable(result),
   );
   similarCases(result, similar);
   return block;
+}
+
+function resultList(results) {
+  // current result first, the ones it superseded folded away
+  return results.slice().reverse().map((r, i) => i === 0 ? resultBlock(r)
+    : el("details", {}, el("summary", { text: `earlier result ${r.id}: ${r.label}` }), resultBlock(r)));
+}
+
+// A result over several series (a mammography study's: one for its views in all their series)
+// is shown once, in its own section; a series' own results (US, SM) under that series.
+function isStudyResult(result) {
+  return (result.breasts || []).length > 0 || (result.series_instance_uids || []).length > 1;
+}
+
+function resultChains(study) {
+  // results that supersede one another: a series' own, or the mammography results of the study
+  const chains = new Map();
+  for (const result of study.results || []) {
+    const key = isStudyResult(result) ? "study " + result.modality : "series " + result.series_instance_uid;
+    if (!chains.has(key)) chains.set(key, []);
+    chains.get(key).push(result);  // oldest first, as the API lists them
+  }
+  return chains;
+}
+
+function latestJob(jobs) {
+  return jobs.reduce((latest, job) => (!latest || job.id > latest.id ? job : latest), null);
+}
+
+function studyResultSection(key, results, seriesByUid) {
+  const current = results[results.length - 1];
+  const covered = current.series_instance_uids || [current.series_instance_uid];
+  const views = new Map();  // series -> "R CC", from the breasts' views
+  for (const breast of current.breasts || []) {
+    for (const view of breast.views) {
+      const name = viewName({ laterality: breast.laterality, ...view });
+      views.set(view.series_instance_uid, [...(views.get(view.series_instance_uid) || []), name]);
+    }
+  }
+  const jobs = covered.flatMap((uid) => (seriesByUid.get(uid) || { jobs: [] }).jobs);
+  return el("section", { class: "series study-result", "data-result-group": key },
+    el("h2", { text: `${current.modality || "?"} study result over ${covered.length} series` }),
+    el("ul", { class: "covered" }, covered.map((uid) => el("li", { "data-series": uid },
+      el("strong", { text: (views.get(uid) || ["?"]).join(", ") }), " ",
+      el("span", { class: "muted uid", text: uid })))),
+    jobSteps(latestJob(jobs)),
+    resultList(results));
 }
 
 function renderStudy(study) {
@@ -252,17 +347,30 @@ function renderStudy(study) {
     el("dt", { text: "Accession" }), el("dd", { text: study.accession_number || "-" }),
     el("dt", { text: "Study date" }), el("dd", { text: study.study_date || "-" }),
   );
-  document.getElementById("study-series").replaceChildren(...study.series.map((series) => {
+  const seriesByUid = new Map(study.series.map((s) => [s.series_instance_uid, s]));
+  const chains = resultChains(study);
+  const studySections = [];
+  const coveredBy = new Map();  // series uid -> the study result covering it
+  for (const [key, results] of chains) {
+    if (!key.startsWith("study ")) continue;
+    studySections.push(studyResultSection(key, results, seriesByUid));
+    const current = results[results.length - 1];
+    for (const uid of current.series_instance_uids || []) coveredBy.set(uid, current);
+  }
+  const seriesSections = study.series.map((series) => {
     const job = series.jobs.length ? series.jobs[series.jobs.length - 1] : null;
-    const results = series.results.slice().reverse();  // current result first
+    const own = chains.get("series " + series.series_instance_uid) || [];
+    const covering = coveredBy.get(series.series_instance_uid);
     return el("section", { class: "series", "data-series": series.series_instance_uid },
       el("h2", { text: `${series.modality || "?"} series, ${series.instance_count} instance(s)` }),
       el("p", { class: "muted", text: series.series_instance_uid }),
-      jobSteps(job),
-      results.length ? results.map((r, i) => i === 0 ? resultBlock(r)
-        : el("details", {}, el("summary", { text: `earlier result ${r.id}: ${r.label}` }), resultBlock(r)))
-        : el("p", { class: "muted", text: "No result yet." }));
-  }));
+      covering && !own.length
+        ? el("p", { class: "covered-by" },
+            el("span", { class: "badge " + (job ? job.state : "done"), text: job ? job.state : "analysed" }),
+            ` analysed with the study: result ${covering.id} above`)
+        : [jobSteps(job), own.length ? resultList(own) : el("p", { class: "muted", text: "No result yet." })]);
+  });
+  document.getElementById("study-series").replaceChildren(...studySections, ...seriesSections);
 }
 
 async function refreshStudy() {

@@ -1,5 +1,7 @@
 """The dashboard in a real browser (Debian's chromium, driven by Playwright) on a real node that
-analysed two real BUSI studies; and the similar-cases API and SR on the same node.
+analysed two real BUSI studies; and the similar-cases API and SR on the same node. Last, a
+four-view mini-MIAS mammography study in four series (an untrained MG network unless one is
+bundled): its study page shows the one study result once, with the right and left breasts.
 
 The destination is a port nobody listens on, so each delivery fails (one attempt allowed) and
 the study page must offer its Retry button. Playwright never downloads a browser here: it is
@@ -14,14 +16,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from node_process import Node
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from support.dcmtk import require_tool, storescu
-from support.dicom_factory import make_us_series
+from support.dicom_factory import make_us_series, mias_as_mammogram, write_dataset
 from support.shared_data import busi_png_paths
+from support.untrained_mg import write_untrained_mg_model
+
+from inference import ModelNotAvailableError, load_bundled
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +50,7 @@ class Analysed:
     results: dict[str, dict[str, Any]]  # the API's result of each study
     third: Path  # a benign study not sent yet (the dashboard test sends it)
     third_study: str
+    mammo: list[Path]  # four views, four series, one study, not sent yet (the last test does)
 
 
 def _result_of(node: Node, study_uid: str) -> dict[str, Any]:
@@ -61,6 +68,25 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _mammo_study(mias: Path, folder: Path) -> list[Path]:
+    """One woman's four screening views (mini-MIAS), each in its own series of one study; none
+    when mini-MIAS is missing (the mammography test skips, the others run)."""
+    if not (mias / "benign/mdb001.png").is_file():
+        return []
+    study = generate_uid()
+    views: list[tuple[str, Literal["L", "R"], Literal["CC", "MLO"]]] = [
+        ("benign/mdb001.png", "R", "CC"), ("benign/mdb001.png", "R", "MLO"),
+        ("benign/mdb002.png", "L", "CC"), ("benign/mdb002.png", "L", "MLO"),
+    ]
+    files = []
+    for number, (png, side, view) in enumerate(views, start=1):
+        ds = mias_as_mammogram(mias / png, side=side, view=view, patient_id="DASH-MG",
+                               study_instance_uid=study, series_instance_uid=generate_uid())
+        ds.SeriesNumber = number
+        files.append(write_dataset(ds, folder / f"MG_{number}.dcm"))
+    return files
+
+
 @pytest.fixture(scope="module")
 def analysed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Analysed]:
     require_tool("storescu")
@@ -75,6 +101,12 @@ def analysed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         studies[label] = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
     [third] = make_us_series(busi_png_paths(shared_data, "benign")[:1], work / "benign",
                              patient_id="DASH-benign")
+    mammo = _mammo_study(shared_data / "mini-mias", work / "mg")
+    try:
+        load_bundled("MG")
+        model_dirs: list[str] = []
+    except ModelNotAvailableError:
+        model_dirs = [str(write_untrained_mg_model(work / "mg-model"))]
     # a port bound but never listening, for the whole test: every delivery to it is refused
     # (and the node cannot pick it for itself)
     dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -82,7 +114,8 @@ def analysed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     node = Node(
         work / "node",
         pacs_port=dead.getsockname()[1],
-        extra={"delivery_max_attempts": 1, "delivery_backoff_seconds": 0.2},
+        extra={"delivery_max_attempts": 1, "delivery_backoff_seconds": 0.2,
+               "model_dirs": model_dirs},
     )
     try:
         node.start()
@@ -101,7 +134,7 @@ def analysed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         )
         results = {label: _result_of(node, uid) for label, uid in studies.items()}
         third_study = str(dcmread(third, stop_before_pixels=True).StudyInstanceUID)
-        yield Analysed(node, studies, results, third, third_study)
+        yield Analysed(node, studies, results, third, third_study, mammo)
     except AssertionError:
         print(node.log_tail())
         raise
@@ -247,6 +280,96 @@ def test_dashboard_in_chromium(analysed: Analysed, tmp_path: Path) -> None:
             row.locator(".badge.done").wait_for(timeout=240_000)
             assert page.evaluate("() => window.__sameDocument === true")
             assert "3 done" in page.locator("#progress").inner_text()
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_mammography_study_page_in_chromium(analysed: Analysed, tmp_path: Path) -> None:
+    """A four-series mammography study has one job and one result: its study page shows that
+    result once (not under each of its series), with the right and left breasts' findings and
+    the views each used, source and heatmap."""
+    if not analysed.mammo:
+        pytest.skip("mini-MIAS not found in the shared data")
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    node = analysed.node
+    headers = [dcmread(p, stop_before_pixels=True) for p in analysed.mammo]
+    study_uid = str(headers[0].StudyInstanceUID)
+    series = [str(ds.SeriesInstanceUID) for ds in headers]
+    sent = storescu(analysed.mammo, "127.0.0.1", node.dicom_port)
+    assert sent.returncode == 0, sent.stderr
+
+    def analysed_study() -> bool:
+        response = node.client.get(f"/studies/{study_uid}")
+        if response.status_code != 200:
+            return False
+        body = response.json()
+        jobs = [j for s in body["series"] for j in s["jobs"]]
+        return bool(body["results"]) and all(j["state"] in ("done", "failed") for j in jobs)
+
+    _wait(analysed_study, 240, "the mammography study's result")
+    study = node.client.get(f"/studies/{study_uid}").json()
+    [result] = study["results"]
+    assert result["series_instance_uids"] == series
+    # the API lists the result under each of the four series: the page must not
+    assert all([r["id"] for r in s["results"]] == [result["id"]] for s in study["series"])
+    breasts = {b["laterality"]: b for b in result["breasts"]}
+    assert set(breasts) == {"R", "L"}
+
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(node.url + "/#/study/" + study_uid)
+            page.locator(".study-result .result .breast").nth(1).wait_for(timeout=15_000)
+            # the study result once, naming the four series it covers
+            assert page.locator(".result").count() == 1
+            assert page.locator(f".result[data-result='{result['id']}']").count() == 1
+            covered = page.locator(".study-result .covered li")
+            assert [covered.nth(i).get_attribute("data-series") for i in range(4)] == series
+            assert [covered.nth(i).locator("strong").inner_text() for i in range(4)] == [
+                "R CC", "R MLO", "L CC", "L MLO"]
+            # the four series are listed, each pointing at that result instead of repeating it
+            for uid in series:
+                section = page.locator(f"section.series[data-series='{uid}']")
+                assert section.count() == 1
+                assert f"result {result['id']} above" in section.inner_text()
+            # right breast first, then left: label, probabilities, the views with heatmaps
+            panels = page.locator(".breast")
+            assert [panels.nth(i).get_attribute("data-laterality") for i in range(2)] == ["R", "L"]
+            for side, name in (("R", "Right breast"), ("L", "Left breast")):
+                panel = page.locator(f".breast[data-laterality='{side}']")
+                breast = breasts[side]
+                heading = panel.locator("h3").inner_text()
+                assert name in heading and breast["label"] in heading
+                for label in breast["probabilities"]:
+                    assert panel.locator(f".probs tr[data-label='{label}']").count() == 1
+                shown = [panel.locator(".view").nth(i).get_attribute("data-sop")
+                         for i in range(panel.locator(".view").count())]
+                assert shown == [v["sop_instance_uid"] for v in breast["views"]]
+                assert panel.locator("img.heatmap").count() == len(breast["views"])
+                assert panel.locator("figcaption").first.inner_text() == f"{side} CC source"
+            # every image of the page is loaded (four sources, four heatmaps)
+            try:
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('.breast img')]"
+                    ".every(img => img.complete && img.naturalWidth > 0)"
+                    " && document.querySelectorAll('.breast img').length === 8",
+                    timeout=30_000,
+                )
+            except playwright_api.TimeoutError:
+                page.screenshot(path=str(tmp_path / "failed.png"), full_page=True)
+                raise AssertionError(f"mammography images not loaded; {tmp_path}") from None
+            screenshot = tmp_path / "dashboard-mammography.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"mammography study screenshot: {screenshot}")
             assert not errors, errors
         finally:
             browser.close()
