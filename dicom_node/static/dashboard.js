@@ -230,10 +230,14 @@ function sourceSrc(sop, size) {
 function breastPanels(result) {
   return el("div", { class: "breasts" }, result.breasts.map((breast) => {
     const probability = breast.probabilities ? breast.probabilities[breast.label] : null;
-    return el("section", { class: "breast", "data-laterality": breast.laterality || "unknown" },
+    // the study finding is the more suspicious breast's: say which one it is
+    const decides = breast.label === result.label && probability === result.probability;
+    return el("section", { class: "breast" + (decides ? " decides" : ""),
+                           "data-laterality": breast.laterality || "unknown" },
       el("h3", {},
         sideName(breast.laterality), ": ",
-        el("span", { class: "breast-finding", text: `${breast.label || "-"} ${pct(probability)}` })),
+        el("span", { class: "breast-finding", text: `${breast.label || "-"} ${pct(probability)}` }),
+        decides ? el("span", { class: "badge", text: "study finding" }) : null),
       breast.probabilities ? probabilityTable({ probabilities: breast.probabilities }) : null,
       el("div", { class: "views" }, breast.views.map((view) => {
         const name = viewName({ laterality: breast.laterality, ...view });
@@ -361,14 +365,18 @@ function renderStudy(study) {
     const job = series.jobs.length ? series.jobs[series.jobs.length - 1] : null;
     const own = chains.get("series " + series.series_instance_uid) || [];
     const covering = coveredBy.get(series.series_instance_uid);
+    if (covering && !own.length) {
+      // analysed in a study result shown above: one line, not the result again
+      return el("section", { class: "series covered-series", "data-series": series.series_instance_uid },
+        el("strong", { text: `${series.modality || "?"} series, ${series.instance_count} instance(s)` }), " ",
+        el("span", { class: "muted uid", text: series.series_instance_uid }), " ",
+        el("span", { class: "badge " + (job ? job.state : "done"), text: job ? job.state : "analysed" }),
+        el("span", { class: "covered-by", text: ` analysed with the study: result ${covering.id} above` }));
+    }
     return el("section", { class: "series", "data-series": series.series_instance_uid },
       el("h2", { text: `${series.modality || "?"} series, ${series.instance_count} instance(s)` }),
       el("p", { class: "muted", text: series.series_instance_uid }),
-      covering && !own.length
-        ? el("p", { class: "covered-by" },
-            el("span", { class: "badge " + (job ? job.state : "done"), text: job ? job.state : "analysed" }),
-            ` analysed with the study: result ${covering.id} above`)
-        : [jobSteps(job), own.length ? resultList(own) : el("p", { class: "muted", text: "No result yet." })]);
+      jobSteps(job), own.length ? resultList(own) : el("p", { class: "muted", text: "No result yet." }));
   });
   document.getElementById("study-series").replaceChildren(...studySections, ...seriesSections);
 }

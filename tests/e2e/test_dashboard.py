@@ -356,6 +356,14 @@ def test_mammography_study_page_in_chromium(analysed: Analysed, tmp_path: Path) 
                 assert shown == [v["sop_instance_uid"] for v in breast["views"]]
                 assert panel.locator("img.heatmap").count() == len(breast["views"])
                 assert panel.locator("figcaption").first.inner_text() == f"{side} CC source"
+            # the breast that gives the study finding (the more suspicious one) says so
+            decides = [side for side, b in breasts.items()
+                       if (b["label"], b["probabilities"][b["label"]])
+                       == (result["label"], result["probability"])]
+            assert decides
+            assert sorted(page.locator(".breast.decides").nth(i).get_attribute("data-laterality")
+                          or "" for i in range(page.locator(".breast.decides").count())) \
+                == sorted(decides)
             # every image of the page is loaded (four sources, four heatmaps)
             try:
                 page.wait_for_function(
