@@ -77,6 +77,7 @@ class PatchSettings:
     platt_a: float = 1.0
     platt_b: float = 0.0
     min_tissue: float = 0.5
+    views: int = 1
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PatchSettings:
@@ -282,7 +283,8 @@ class MammoPatchClassifier(Classifier):
         view = working_view(image, self.settings.working_height)
         centres = grid_centres(view, self.settings)
         patches = cut_patches(padded(view, self.settings.patch), centres, self.settings.patch)
-        probabilities, embeddings = patch_forward(self.module, patches, self.card.temperature)
+        probabilities, embeddings = patch_forward(self.module, patches, self.card.temperature,
+                                                  views=self.settings.views)
         return view, centres, probabilities, embeddings
 
     def _predict_one(self, image: np.ndarray) -> Prediction:
@@ -335,20 +337,36 @@ class MammoPatchClassifier(Classifier):
         return np.ascontiguousarray(canvas, dtype=np.float32)
 
 
+def dihedral(patches: torch.Tensor, index: int) -> torch.Tensor:
+    """View ``index`` (0-7) of the eight flips/rotations of (N, C, H, W) patches: 0 identity,
+    1 left-right, 2 up-down, 3 both, 4-7 the same after a transpose."""
+    out = patches.transpose(2, 3) if index >= 4 else patches
+    if index % 4 in (1, 3):
+        out = torch.flip(out, dims=[3])
+    if index % 4 in (2, 3):
+        out = torch.flip(out, dims=[2])
+    return out
+
+
 @torch.no_grad()
 def patch_forward(
-    network: nn.Module, patches: torch.Tensor, temperature: float = 1.0, batch: int = 256
+    network: nn.Module, patches: torch.Tensor, temperature: float = 1.0, batch: int = 256,
+    views: int = 1,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
-    """(N, 3) softmax(logits / temperature) and (N, D) embeddings of patches, eval mode."""
+    """(N, 3) softmax(logits / temperature) and (N, D) embeddings of patches, eval mode; with
+    ``views`` > 1 both are averaged over the first ``views`` flips/rotations (``dihedral``)."""
     network.eval()
     probabilities: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     for start in range(0, patches.shape[0], batch):
-        features = network.forward_features(patches[start : start + batch])  # type: ignore[operator]
+        chunk = patches[start : start + batch]
+        stacked = torch.cat([dihedral(chunk, index) for index in range(views)])
+        features = network.forward_features(stacked)  # type: ignore[operator]
         embedding = network.embed(features)  # type: ignore[operator]
         logits = network.classify(embedding)  # type: ignore[operator]
-        probabilities.append(torch.softmax(logits / temperature, dim=1).double().numpy())
-        embeddings.append(embedding.float().numpy())
+        softmax = torch.softmax(logits / temperature, dim=1).view(views, len(chunk), -1)
+        probabilities.append(softmax.mean(dim=0).double().numpy())
+        embeddings.append(embedding.view(views, len(chunk), -1).mean(dim=0).float().numpy())
     return np.concatenate(probabilities), np.concatenate(embeddings)
 
 

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from inference.datasets import Lesion, Sample, load_image, read_mias_lesions
@@ -53,6 +52,7 @@ from inference.metrics import evaluation_metrics
 from inference.networks import build_network
 
 TOP_K_CHOICES: tuple[int, ...] = (1, 2, 3, 5, 8)
+VIEW_CHOICES: tuple[int, ...] = (1, 4)
 
 
 @dataclass
@@ -164,13 +164,13 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def image_outputs(
-    network: nn.Module, records: Sequence[ViewRecord], settings: PatchSettings,
+    network: nn.Module, records: Sequence[ViewRecord], settings: PatchSettings, views: int = 1,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(N, 3) patch probabilities and (N, D) embeddings of every record's grid."""
     results = []
     for record in records:
         patches = cut_patches(record.pad, record.grid, settings.patch)
-        results.append(patch_forward(network, patches))
+        results.append(patch_forward(network, patches, views=views))
     return results
 
 
@@ -213,6 +213,30 @@ def fit_platt(scores: np.ndarray, abnormal: np.ndarray) -> tuple[float, float]:
     return float(model.coef_[0, 0]), float(model.intercept_[0])
 
 
+class ExponentialAverage:
+    """An exponential moving average of a model's weights and buffers whose decay warms up as
+    min(decay, (1 + step) / (10 + step)), so that short runs (a few dozen steps) are not stuck
+    near the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model)
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.decay = decay
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        self.steps += 1
+        for average, current in zip(self.module.state_dict().values(),
+                                    model.state_dict().values(), strict=True):
+            if average.dtype.is_floating_point:
+                average.mul_(decay).add_(current.detach(), alpha=1.0 - decay)
+            else:
+                average.copy_(current)
+
+
 @dataclass
 class MammoRun:
     """What ``train_patch_model`` hands back to ``inference.train`` for the card."""
@@ -229,7 +253,7 @@ class MammoRun:
     test_probabilities: np.ndarray
     test_targets: np.ndarray
     embeddings: dict[str, np.ndarray]
-    top_k_scores: dict[int, float]
+    top_k_scores: dict[str, float]
     val_patch_auc: float
 
 
@@ -257,7 +281,7 @@ def train_patch_model(
                                     label_smoothing=0.05)
     torch.manual_seed(seed)
     model = build_network(architecture, params)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.98), use_buffers=True)
+    ema = ExponentialAverage(model, 0.98)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -302,7 +326,7 @@ def train_patch_model(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
-            ema.update_parameters(model)
+            ema.update(model)
             step += 1
             running += float(loss.detach()) * len(index)
             seen += len(index)
@@ -333,17 +357,29 @@ def train_patch_model(
     final = build_network(architecture, params)
     final.load_state_dict({k: v.contiguous() for k, v in best_state.items()})
     final.eval()
-    val_outputs = image_outputs(final, records["val"], settings)
-    top_k_scores = {k: image_auc(val_outputs, val_targets, k) for k in TOP_K_CHOICES}
-    top_k = max(TOP_K_CHOICES, key=lambda k: (round(top_k_scores[k], 6), -k))
+    # Pooling (top_k) and test-time flips (1 or 4 views) chosen on validation; a tie keeps the
+    # cheaper one.
+    top_k_scores: dict[str, float] = {}
+    val_by_views = {}
+    for views in VIEW_CHOICES:
+        val_by_views[views] = image_outputs(final, records["val"], settings, views)
+        for k in TOP_K_CHOICES:
+            top_k_scores[f"views={views} top_k={k}"] = image_auc(val_by_views[views],
+                                                                 val_targets, k)
+    views, top_k = max(
+        ((v, k) for v in VIEW_CHOICES for k in TOP_K_CHOICES),
+        key=lambda vk: (round(top_k_scores[f"views={vk[0]} top_k={vk[1]}"], 6), -vk[0], -vk[1]),
+    )
+    val_outputs = val_by_views[views]
     val_scores = np.array([topk_mean(p[:, 1] + p[:, 2], top_k) for p, _ in val_outputs])
     platt_a, platt_b = fit_platt(val_scores, val_targets > 0)
     settings = PatchSettings(**{**settings.as_dict(), "top_k": top_k, "platt_a": platt_a,
-                                "platt_b": platt_b})
+                                "platt_b": platt_b, "views": views})
     embeddings: dict[str, np.ndarray] = {}
     probabilities: dict[str, np.ndarray] = {}
     for part in ("train", "val", "test"):
-        outputs = val_outputs if part == "val" else image_outputs(final, records[part], settings)
+        outputs = (val_outputs if part == "val"
+                   else image_outputs(final, records[part], settings, settings.views))
         rows, vectors = [], []
         for patch_probabilities, patch_embeddings in outputs:
             image_p, top = image_probabilities(patch_probabilities, settings)
@@ -517,18 +553,21 @@ def train_and_write(
             ),
             "postprocessing_kind": PATCH_POOLING,
             "postprocessing": (
-                "patch softmax -> lesion probability p(benign)+p(malignant) per patch -> image "
+                f"patch softmax (averaged over {run.settings.views} flips of each patch; "
+                "1 or 4 chosen on validation) -> lesion probability p(benign)+p(malignant) per "
+                "patch -> image "
                 f"score = mean of the top {run.settings.top_k} patches -> p(abnormal) = "
                 "sigmoid(platt_a * logit(score) + platt_b) (Platt, fitted on validation) -> "
                 "p(malignant) = p(abnormal) * mean malignant share of the top patches, "
                 "p(benign) = the rest of p(abnormal)"
             ),
             "patch_model": run.settings.as_dict(),
-            "top_k_validation_auc": {str(k): v for k, v in run.top_k_scores.items()},
+            "pooling_validation_auc": run.top_k_scores,
             "temperature": 1.0,
             "calibration": "Platt scaling of the pooled score on the validation split "
                            f"(a={run.settings.platt_a:.4f}, b={run.settings.platt_b:.4f})",
-            "test_time_augmentation": "none",
+            "test_time_augmentation": (f"patch flips, {run.settings.views} views averaged"
+                                       if run.settings.views > 1 else "none"),
             "heatmap": "patch lesion probability on the patch grid, bilinear upsampled to the "
                        "breast crop, placed and un-flipped into the input's frame (0..1, not "
                        "rescaled)",
@@ -565,13 +604,13 @@ def train_and_write(
                 "augmentation": "eight flips/rotations, gain and offset of the z-scored pixels "
                                 "(inference.train_mammo.augment_batch); lesion-centre jitter",
                 "batch_size": batch_size,
-                "ema_decay": 0.98,
+                "ema_decay": "0.98, warmed up as min(0.98, (1 + step) / (10 + step))",
                 "epochs_run": len(run.history),
                 "epochs_max": epochs,
                 "selected_epoch": run.best_epoch,
-                "selection": "mean of the validation image AUC (normal vs abnormal, top-3 "
-                             "pooling) and the validation patch AUC; then top_k by "
-                             "validation image AUC",
+                "selection": "epoch: mean of the validation image AUC (normal vs abnormal, "
+                             "top-3 pooling) and the validation patch AUC; then top_k and the "
+                             "number of flip views by validation image AUC",
                 "stop_reason": run.stop_reason,
                 "seconds": round(training_seconds, 1),
                 "torch_threads": threads,
