@@ -7,6 +7,7 @@ from pathlib import Path
 
 from inference.card import ModelCard
 from inference.classifier import Classifier
+from inference.mammo_patches import classifier_from_card
 from inference.paths import BUNDLED_DIR
 
 
@@ -42,4 +43,4 @@ def load_bundled(modality: str, directory: Path = BUNDLED_DIR) -> Classifier:
         raise ModelNotAvailableError(modality, sorted({card.modality for card in cards}))
     # Several models of one modality: the highest version wins.
     card = max(matching, key=lambda c: tuple(int(p) for p in c.version.split(".") if p.isdigit()))
-    return Classifier.from_card(card)
+    return classifier_from_card(card)

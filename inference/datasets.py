@@ -200,3 +200,37 @@ class BusiDataset(ImageDataset):
         labels: Sequence[str] = BUSI_LABELS,
     ) -> None:
         super().__init__(data_dir, samples, preprocess_transform(size), labels, augment)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One annotated mini-MIAS abnormality: centre (row from the TOP, column) and radius in
+    pixels of the 1024 x 1024 image, and its severity ("B" or "M")."""
+
+    row: float
+    col: float
+    radius: float
+    severity: str
+    abnormality: str
+
+
+def read_mias_lesions(data_dir: Path) -> dict[str, list[Lesion]]:
+    """The located abnormalities of each mini-MIAS image (``path`` -> lesions; [] for normal
+    images and for the widely distributed calcifications that have no centre).
+
+    MIAS measures y from the BOTTOM of the image (SOURCE.md): row = height - y.
+    """
+    lesions: dict[str, list[Lesion]] = {}
+    for r in _rows(data_dir):
+        found = lesions.setdefault(r["path"], [])
+        if r["abnormality"] == "NORM" or not (r["x"].isdigit() and r["y"].isdigit()):
+            continue  # normal, or no centre (e.g. "*NOTE 3*": calcifications all over)
+        with Image.open(data_dir / r["path"]) as image:
+            height = image.height
+        found.append(Lesion(
+            row=float(height - int(r["y"])), col=float(int(r["x"])),
+            radius=float(r["radius"]) if r["radius"].isdigit() else 8.0,
+            severity=r["severity"] or "B",
+            abnormality=r["abnormality"],
+        ))
+    return lesions

@@ -18,6 +18,7 @@ from inference.bundled import load_bundled
 from inference.card import ModelCard
 from inference.classifier import Classifier
 from inference.dicom_pixels import image_from_file
+from inference.mammo_patches import classifier_from_card
 from inference.metrics import evaluation_metrics
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
@@ -43,7 +44,7 @@ def load_model(modality: str, model: Path | None) -> Classifier:
     card = ModelCard.from_file(card_path)
     if card.modality != modality.strip().upper():
         raise EvaluationError(f"model {card.name} is for {card.modality}, not {modality}")
-    return Classifier.from_card(card)
+    return classifier_from_card(card)
 
 
 def labelled_files(data_dir: Path, labels: tuple[str, ...]) -> list[tuple[Path, str]]:

@@ -93,6 +93,7 @@ class Recipe:
     fixed_normalization: bool = False
     hflip_tta_allowed: bool = True
     pad_to: int = 0
+    patch_model: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
@@ -130,11 +131,13 @@ RECIPES: dict[str, Recipe] = {
         pad_to=50,
     ),
     "MG": Recipe(
+        # A patch model (inference.mammo_patches, trained by inference.train_mammo): ``size`` is
+        # the patch size in pixels of the 256-row working image.
         modality="MG", name="mg_mias", dataset="mini-mias", labels=MIAS_LABELS, reader=read_mias,
-        channels=1, size=256, augment_kind="mammography", architecture="BusiCNN",
-        batch_size=16, lr=1e-3, max_minutes=10.0, epochs=120, patience=30,
-        task="mammogram (MLO) classification (normal / benign / malignant); the score that "
-        "matters is normal vs abnormal",
+        channels=1, size=64, augment_kind="mammography patches", architecture="BusiCNN",
+        batch_size=64, lr=2e-3, max_minutes=15.0, epochs=60, patience=15,
+        task="mammogram (MLO) classification (normal / benign / malignant) by a patch CNN slid "
+        "over the breast; the score that matters is normal vs abnormal",
         data_description=(
             "mini-MIAS, 1024x1024 8-bit digitised film, shared part; "
             "shared/data/mini-mias/SOURCE.md (Suckling et al. 1994)"
@@ -144,6 +147,7 @@ RECIPES: dict[str, Recipe] = {
             "70/15/15; inference.datasets.split_by_group"
         ),
         breast_crop=True,
+        patch_model=True,
     ),
 }
 
@@ -399,6 +403,15 @@ def train(
     patience = patience or recipe.patience
     data_dir = data_dir if data_dir is not None else shared_data_dir() / recipe.dataset
     labels = recipe.labels
+    if recipe.patch_model:
+        from inference.train_mammo import train_and_write
+
+        return train_and_write(
+            recipe, data_dir, out_dir, architecture=arch, epochs=epochs, seed=seed, size=size,
+            lr=lr, max_minutes=max_minutes, threads=threads, name=name, version=version,
+            limit=limit, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
+            wiener_kernel=wiener_kernel,
+        )
     started = time.monotonic()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -701,6 +714,9 @@ def fit_ood(card_path: Path, data_dir: Path | None = None, seed: int | None = No
     from inference.classifier import Classifier
 
     card = ModelCard.from_file(card_path)
+    if card.data.get("postprocessing_kind") == "mammo_patch_topk":
+        raise ValueError(f"{card.name} is a mammography patch model: its OOD statistics are "
+                         "fitted by training (breastcad train --modality MG)")
     recipe = recipe_for(card.modality)
     raw = json.loads(card_path.read_text())
     seed = int(raw.get("split", {}).get("seed", 0)) if seed is None else seed

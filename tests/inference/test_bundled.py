@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inference import (
-    Classifier,
     ModelCard,
     ModelNotAvailableError,
     bundled_cards,
@@ -16,6 +16,8 @@ from inference import (
 )
 from inference.bundled import BUNDLED_DIR
 from inference.card import sha256_file
+from inference.datasets import MIAS_LABELS, load_image, read_mias, split_by_group
+from inference.mammo_patches import MammoPatchClassifier, classifier_from_card
 
 REQUIRED_CARD_KEYS = (
     "name", "version", "modality", "architecture", "parameters", "input_size", "in_channels",
@@ -24,9 +26,9 @@ REQUIRED_CARD_KEYS = (
 )
 
 
-def test_ultrasound_and_pathology_models_are_bundled() -> None:
+def test_ultrasound_pathology_and_mammography_models_are_bundled() -> None:
     cards = bundled_cards()
-    assert {"US", "SM"} <= {card.modality for card in cards}
+    assert {"US", "SM", "MG"} <= {card.modality for card in cards}
 
 
 @pytest.mark.parametrize("card", bundled_cards(), ids=lambda card: card.name)
@@ -37,7 +39,7 @@ def test_every_bundled_model_loads_and_matches_its_card(card: ModelCard) -> None
     assert sha256_file(card.weights_path) == card.sha256
     assert card.ood_path is not None and sha256_file(card.ood_path) == card.ood["sha256"]
     assert card.weights_path.stat().st_size < 10_000_000
-    classifier = Classifier.from_card(card)
+    classifier = classifier_from_card(card)
     assert classifier.ood_scorer is not None
     parameters = sum(p.numel() for p in classifier.module.parameters())
     assert parameters == card.data["parameters"]
@@ -82,3 +84,37 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
     shutil.copy(BUNDLED_DIR / "us_busi.json", tmp_path / "us_busi.json")
     with pytest.raises(ValueError, match="missing"):
         load_bundled("US", directory=tmp_path)
+
+
+def test_load_bundled_mg_serves_a_mammogram(mias_dir: Path) -> None:
+    classifier = load_bundled("MG")
+    assert isinstance(classifier, MammoPatchClassifier)
+    assert classifier.labels == MIAS_LABELS
+    image = load_image(mias_dir / "malignant" / "mdb023.png")[..., 0]  # a right breast, 1024 px
+    prediction = classifier.predict(image)
+    assert prediction.label in MIAS_LABELS and prediction.modality == "MG"
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert prediction.heatmap.shape == image.shape
+    assert prediction.embedding.shape == (256,) and prediction.ood_score is not None
+    assert not prediction.not_assessable
+    assert classifier.predict(np.zeros((512, 400), dtype=np.uint8)).not_assessable
+
+
+def test_bundled_mg_reproduces_its_test_figures(mias_dir: Path) -> None:
+    """The bundled MG model on its own held-out patients: the card's figures, re-measured."""
+    from sklearn.metrics import roc_auc_score
+
+    classifier = load_bundled("MG")
+    card = classifier.card.data
+    split = split_by_group(read_mias(mias_dir), seed=int(card["split"]["seed"]),
+                           labels=MIAS_LABELS)
+    test = split["test"]
+    assert len(test) == card["split"]["test"]["images"]
+    images = [load_image(mias_dir / s.path)[..., 0] for s in test]
+    predictions = classifier.predict_batch(images)
+    abnormal = [s.label != "normal" for s in test]
+    scores = [1.0 - p.probabilities["normal"] for p in predictions]
+    auc = roc_auc_score(abnormal, scores)
+    assert auc == pytest.approx(card["metrics"]["test"]["auc_abnormal"], abs=0.02)
+    accuracy = np.mean([p.label == s.label for p, s in zip(predictions, test, strict=True)])
+    assert accuracy == pytest.approx(card["metrics"]["test"]["accuracy"], abs=0.03)

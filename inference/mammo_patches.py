@@ -1,0 +1,391 @@
+"""The mammography patch model: a patch CNN slid over the breast, pooled into an image score.
+
+Whole mammograms shrunk to a few hundred pixels lose the lesions, and 190 training images are too
+few for a whole-image CNN to find them (two such runs stayed at chance). Here a compact CNN
+(``BusiCNN``) classifies ``patch`` x ``patch`` pixel patches of a working image (the mammogram
+scaled to ``working_height`` rows, chest wall turned left, cropped to the breast, z-scored over
+the breast tissue) as normal tissue, benign lesion or malignant lesion; it is trained on patches
+centred (jittered) on the annotated lesions and on patches of breast tissue away from them.
+
+At inference the network is applied on a grid of patch centres (every ``stride`` working pixels,
+centres on breast tissue). The image's abnormality score is the mean of the ``top_k`` highest
+patch lesion probabilities (p(benign) + p(malignant)); Platt scaling fitted on the validation
+split turns its logit into p(abnormal). The abnormal mass is split between benign and malignant
+by the mean malignant share p(malignant) / p(lesion) of the same top patches. The heatmap is the
+patch lesion-probability map, upsampled to the crop, put back where the crop came from and
+un-flipped, so it lies over the image as it was given. The embedding (similar cases, the
+out-of-distribution check) is the mean patch embedding of the breast concatenated with the mean
+embedding of the top patches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from torch import nn
+
+from inference.card import ModelCard, sha256_file
+from inference.classifier import Classifier
+from inference.mammo import _otsu, breast_bbox, chest_wall_on_right
+from inference.networks import build_network
+from inference.ood import MahalanobisScorer
+from inference.prediction import Prediction
+
+#: The card's ``postprocessing`` kind that selects this classifier.
+PATCH_POOLING = "mammo_patch_topk"
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How the working image was made: the original image was flipped (``flipped``), the flipped
+    image cropped to ``box`` (top, left, bottom, right, original pixels), and the crop scaled by
+    ``scale`` (working pixels per original pixel)."""
+
+    flipped: bool
+    box: tuple[int, int, int, int]
+    scale: float
+
+
+@dataclass(frozen=True)
+class WorkingView:
+    """A mammogram as the patch network sees it: z-scored float32 pixels of the breast crop, the
+    breast-tissue mask of the same shape, and where it came from."""
+
+    pixels: npt.NDArray[np.float32]
+    tissue: npt.NDArray[np.bool_]
+    geometry: PatchGeometry
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """The card's ``patch_model`` section."""
+
+    working_height: int = 256
+    patch: int = 64
+    stride: int = 16
+    top_k: int = 3
+    platt_a: float = 1.0
+    platt_b: float = 0.0
+    min_tissue: float = 0.5
+    views: int = 1
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PatchSettings:
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        return cls(**known)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def grey_pixels(image: np.ndarray) -> npt.NDArray[np.float32]:
+    """uint8 (H, W) or (H, W, 1|3|4) display pixels -> float32 (H, W) luma (BT.601)."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 display pixels, got {array.dtype} "
+            "(use inference.image_from_dataset for DICOM pixel data)"
+        )
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return np.asarray(array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114],
+                                                                          dtype=np.float32))
+    if array.ndim == 3 and array.shape[2] == 1:
+        return array[..., 0].astype(np.float32)
+    if array.ndim == 2:
+        return array.astype(np.float32)
+    raise ValueError(f"expected an image of shape (H, W) or (H, W, 3), got {array.shape}")
+
+
+def working_view(image: np.ndarray, working_height: int = 256) -> WorkingView:
+    """Orient (chest wall left, by content), crop to the breast, scale the crop by
+    ``working_height / image height`` and z-score it over the breast tissue."""
+    grey = grey_pixels(image)
+    height, width = grey.shape
+    if height < 8 or width < 8:
+        raise ValueError(f"image too small to classify: {width}x{height}")
+    flipped = chest_wall_on_right(grey)
+    oriented = np.ascontiguousarray(grey[:, ::-1]) if flipped else grey
+    top, left, bottom, right = breast_bbox(oriented)
+    crop = oriented[top:bottom, left:right]
+    scale = working_height / height
+    out_h = max(8, round(crop.shape[0] * scale))
+    out_w = max(8, round(crop.shape[1] * scale))
+    small = np.asarray(
+        Image.fromarray(crop.astype(np.float32), mode="F").resize(
+            (out_w, out_h), Image.Resampling.BOX
+        ),
+        dtype=np.float32,
+    )
+    tissue = tissue_mask(small)
+    values = small[tissue] if tissue.sum() >= 16 else small.ravel()
+    mean = float(values.mean())
+    std = max(float(values.std()), 1.0)
+    pixels = ((small - mean) / std).astype(np.float32)
+    return WorkingView(pixels=pixels, tissue=tissue,
+                       geometry=PatchGeometry(flipped=flipped, box=(top, left, bottom, right),
+                                              scale=float(out_h) / max(crop.shape[0], 1)))
+
+
+def tissue_mask(small: np.ndarray) -> npt.NDArray[np.bool_]:
+    """Breast tissue of a working image: above half the Otsu threshold, the largest region."""
+    threshold = _otsu(small)
+    mask = small > max(threshold * 0.5, float(np.percentile(small, 5)) + 1.0)
+    labelled, count = ndimage.label(mask)
+    if count == 0:
+        return np.ones_like(small, dtype=bool)
+    sizes = ndimage.sum(mask, labelled, index=np.arange(1, count + 1))
+    return np.asarray(labelled == (int(np.argmax(sizes)) + 1))
+
+
+def padded(view: WorkingView, patch: int) -> npt.NDArray[np.float32]:
+    """The working pixels padded by half a patch on every side with the background level."""
+    half = patch // 2
+    background = float(view.pixels[~view.tissue].mean()) if (~view.tissue).any() else float(
+        view.pixels.min())
+    return np.pad(view.pixels, half, mode="constant", constant_values=background).astype(
+        np.float32)
+
+
+def grid_centres(view: WorkingView, settings: PatchSettings) -> npt.NDArray[np.int64]:
+    """(N, 2) row/column patch centres every ``stride`` pixels whose neighbourhood (a quarter
+    patch around the centre) is at least ``min_tissue`` breast tissue; at least one centre."""
+    height, width = view.tissue.shape
+    stride, radius = settings.stride, max(1, settings.patch // 8)
+    rows = np.arange(stride // 2, height, stride)
+    cols = np.arange(stride // 2, width, stride)
+    coverage = ndimage.uniform_filter(view.tissue.astype(np.float32), size=2 * radius + 1,
+                                      mode="constant")
+    centres = [(r, c) for r in rows for c in cols if coverage[r, c] >= settings.min_tissue]
+    if not centres:
+        centres = [(height // 2, width // 2)]
+    return np.asarray(centres, dtype=np.int64)
+
+
+def cut_patches(pad: np.ndarray, centres: np.ndarray, patch: int) -> torch.Tensor:
+    """(N, 1, patch, patch) patches of a padded working image at working-image ``centres``
+    (the padding is half a patch, so a centre (r, c) starts at row r, column c of ``pad``)."""
+    windows = np.lib.stride_tricks.sliding_window_view(pad, (patch, patch))
+    rows = np.clip(centres[:, 0], 0, windows.shape[0] - 1)
+    cols = np.clip(centres[:, 1], 0, windows.shape[1] - 1)
+    return torch.from_numpy(np.ascontiguousarray(windows[rows, cols]))[:, None]
+
+
+def topk_mean(values: np.ndarray, k: int) -> float:
+    """Mean of the ``k`` largest values (all of them if fewer)."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    return float(ordered[: max(1, min(k, ordered.size))].mean())
+
+
+def logit(p: float | np.ndarray) -> Any:
+    clipped = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(clipped / (1 - clipped))
+
+
+def image_probabilities(
+    patch_probabilities: np.ndarray, settings: PatchSettings
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """(normal, benign, malignant) of one image from its (N, 3) patch probabilities, and the
+    indices of the top patches used."""
+    lesion = patch_probabilities[:, 1] + patch_probabilities[:, 2]
+    k = max(1, min(settings.top_k, lesion.size))
+    top = np.argsort(-lesion, kind="stable")[:k]
+    score = float(lesion[top].mean())
+    abnormal = 1.0 / (1.0 + math.exp(-(settings.platt_a * float(logit(score))
+                                       + settings.platt_b)))
+    share = float(np.mean(patch_probabilities[top, 2] / np.maximum(lesion[top], 1e-9)))
+    probabilities = np.array([1.0 - abnormal, abnormal * (1.0 - share), abnormal * share])
+    return probabilities, top.astype(np.int64)
+
+
+class MammoPatchClassifier(Classifier):
+    """Classifies whole mammograms with a patch network (see the module docstring).
+
+    Same interface as ``Classifier`` (``predict``, ``predict_batch``, ``card``, ``labels``,
+    ``module``, ``ood_scorer``); deterministic, no state between calls.
+    """
+
+    def __init__(
+        self, card: ModelCard, network: nn.Module, ood_scorer: MahalanobisScorer | None = None
+    ) -> None:
+        for method in ("forward_features", "embed", "classify"):
+            if not callable(getattr(network, method, None)):
+                raise ValueError(f"network {type(network).__name__} has no {method}()")
+        self.card = card
+        network.eval()
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)
+        self.module = network
+        self.settings = PatchSettings.from_mapping(card.data.get("patch_model", {}))
+        self.ood_scorer = ood_scorer
+        self.ood_threshold = float(card.ood.get("threshold", math.inf))
+
+    @classmethod
+    def from_card(cls, card: ModelCard, weights: Path | None = None) -> MammoPatchClassifier:
+        """Build the card's patch network and load its weights (``weights_only=True``); the same
+        checks as ``Classifier.from_card`` (SHA-256 of the weights and the OOD statistics)."""
+        weights_path = weights if weights is not None else card.weights_path
+        if weights_path is None:
+            raise ValueError(f"model card {card.name} names no weights file")
+        if not weights_path.is_file():
+            raise ValueError(f"weights file {weights_path} of model {card.name} is missing")
+        actual = sha256_file(weights_path)
+        if actual != card.sha256:
+            raise ValueError(
+                f"weights {weights_path.name} have sha256 {actual}, but the card of "
+                f"{card.name} {card.version} says {card.sha256}: refusing to load"
+            )
+        network = build_network(card.architecture, card.architecture_params)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"weights {weights_path.name} do not fit {card.architecture}") from exc
+        scorer = None
+        ood_file = card.ood.get("file")
+        ood_path = (weights_path.with_name(str(ood_file)) if ood_file else None)
+        if ood_path is not None:
+            if not ood_path.is_file():
+                raise ValueError(f"OOD statistics {ood_path} of model {card.name} are missing")
+            if sha256_file(ood_path) != str(card.ood.get("sha256", "")).lower():
+                raise ValueError(
+                    f"OOD statistics {ood_path.name} do not match the card of {card.name}: "
+                    "refusing to load"
+                )
+            scorer = MahalanobisScorer.load(ood_path)
+        return cls(card, network, scorer)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """The (N, 1, P, P) patches of the image's breast grid."""
+        view = working_view(image, self.settings.working_height)
+        centres = grid_centres(view, self.settings)
+        return cut_patches(padded(view, self.settings.patch), centres, self.settings.patch)
+
+    def predict_batch(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[Prediction]:
+        """Classify several mammograms (any sizes), one after another."""
+        del batch_size  # every image is already a batch of patches
+        return [self._predict_one(image) for image in images]
+
+    def patch_outputs(
+        self, image: np.ndarray
+    ) -> tuple[WorkingView, np.ndarray, np.ndarray, np.ndarray]:
+        """The working view, grid centres, (N, 3) patch probabilities and (N, D) embeddings."""
+        grey_pixels(image)  # type and shape checks first, with their clear messages
+        view = working_view(image, self.settings.working_height)
+        centres = grid_centres(view, self.settings)
+        patches = cut_patches(padded(view, self.settings.patch), centres, self.settings.patch)
+        probabilities, embeddings = patch_forward(self.module, patches, self.card.temperature,
+                                                  views=self.settings.views)
+        return view, centres, probabilities, embeddings
+
+    def _predict_one(self, image: np.ndarray) -> Prediction:
+        view, centres, patch_probabilities, patch_embeddings = self.patch_outputs(image)
+        probabilities, top = image_probabilities(patch_probabilities, self.settings)
+        embedding = image_embedding(patch_embeddings, top)
+        score = (None if self.ood_scorer is None
+                 else float(self.ood_scorer.score(embedding[None])[0]))
+        pixels = np.asarray(image)
+        no_contrast = int(pixels.max()) - int(pixels.min()) < 4
+        not_assessable = no_contrast or (score is not None and score > self.ood_threshold)
+        lesion = patch_probabilities[:, 1] + patch_probabilities[:, 2]
+        heatmap = self._heatmap(view, centres, lesion, (int(pixels.shape[0]), int(pixels.shape[1])))
+        label = self.labels[int(np.argmax(probabilities))]
+        return Prediction(
+            modality=self.card.modality,
+            label=label,
+            labels=self.labels,
+            probabilities={name: float(p) for name, p in zip(self.labels, probabilities,
+                                                             strict=True)},
+            model_name=self.card.name,
+            model_version=self.card.version,
+            model_sha256=self.card.sha256,
+            heatmap=heatmap,
+            embedding=embedding,
+            ood_score=score,
+            not_assessable=not_assessable,
+            extra={"heatmap": "patch lesion probability (benign + malignant) on a "
+                              f"{self.settings.stride}-pixel grid of the working image"},
+        )
+
+    def _heatmap(self, view: WorkingView, centres: np.ndarray, lesion: np.ndarray,
+                 shape: tuple[int, int]) -> npt.NDArray[np.float32]:
+        stride = self.settings.stride
+        height, width = view.tissue.shape
+        grid = np.zeros((math.ceil(height / stride), math.ceil(width / stride)), np.float32)
+        grid[centres[:, 0] // stride, centres[:, 1] // stride] = lesion
+        top, left, bottom, right = view.geometry.box
+        fine = F.interpolate(
+            torch.from_numpy(grid)[None, None],
+            size=(grid.shape[0] * stride, grid.shape[1] * stride), mode="bilinear",
+            align_corners=False,
+        )[0, 0, :height, :width]
+        region = F.interpolate(fine[None, None], size=(bottom - top, right - left),
+                               mode="bilinear", align_corners=False)[0, 0].numpy()
+        canvas = np.zeros(shape, dtype=np.float32)
+        canvas[top:bottom, left:right] = np.clip(region, 0.0, 1.0)
+        if view.geometry.flipped:
+            canvas = canvas[:, ::-1]
+        return np.ascontiguousarray(canvas, dtype=np.float32)
+
+
+def dihedral(patches: torch.Tensor, index: int) -> torch.Tensor:
+    """View ``index`` (0-7) of the eight flips/rotations of (N, C, H, W) patches: 0 identity,
+    1 left-right, 2 up-down, 3 both, 4-7 the same after a transpose."""
+    out = patches.transpose(2, 3) if index >= 4 else patches
+    if index % 4 in (1, 3):
+        out = torch.flip(out, dims=[3])
+    if index % 4 in (2, 3):
+        out = torch.flip(out, dims=[2])
+    return out
+
+
+@torch.no_grad()
+def patch_forward(
+    network: nn.Module, patches: torch.Tensor, temperature: float = 1.0, batch: int = 256,
+    views: int = 1,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+    """(N, 3) softmax(logits / temperature) and (N, D) embeddings of patches, eval mode; with
+    ``views`` > 1 both are averaged over the first ``views`` flips/rotations (``dihedral``)."""
+    network.eval()
+    probabilities: list[np.ndarray] = []
+    embeddings: list[np.ndarray] = []
+    for start in range(0, patches.shape[0], batch):
+        chunk = patches[start : start + batch]
+        stacked = torch.cat([dihedral(chunk, index) for index in range(views)])
+        features = network.forward_features(stacked)  # type: ignore[operator]
+        embedding = network.embed(features)  # type: ignore[operator]
+        logits = network.classify(embedding)  # type: ignore[operator]
+        softmax = torch.softmax(logits / temperature, dim=1).view(views, len(chunk), -1)
+        probabilities.append(softmax.mean(dim=0).double().numpy())
+        embeddings.append(embedding.view(views, len(chunk), -1).mean(dim=0).float().numpy())
+    return np.concatenate(probabilities), np.concatenate(embeddings)
+
+
+def image_embedding(patch_embeddings: np.ndarray, top: np.ndarray) -> npt.NDArray[np.float32]:
+    """The image's embedding: mean patch embedding of the breast, then of the top patches."""
+    return np.ascontiguousarray(
+        np.concatenate([patch_embeddings.mean(axis=0), patch_embeddings[top].mean(axis=0)]),
+        dtype=np.float32,
+    )
+
+
+def is_patch_card(card: ModelCard) -> bool:
+    """Whether a card describes a mammography patch model."""
+    return str(card.data.get("postprocessing_kind", "")) == PATCH_POOLING
+
+
+def classifier_from_card(card: ModelCard, weights: Path | None = None) -> Classifier:
+    """The classifier a card describes: a ``MammoPatchClassifier`` for a patch card, else a
+    ``Classifier``."""
+    if is_patch_card(card):
+        return MammoPatchClassifier.from_card(card, weights)
+    return Classifier.from_card(card, weights)

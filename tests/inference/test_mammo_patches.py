@@ -1,0 +1,170 @@
+"""The mammography patch model: geometry of the working view, the lesion coordinates, and a
+model trained for two epochs on a tiny synthetic mini-MIAS (seconds) served end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference import ModelCard, load_bundled
+from inference.datasets import MIAS_LABELS, read_mias_lesions
+from inference.mammo_patches import (
+    MammoPatchClassifier,
+    PatchSettings,
+    classifier_from_card,
+    grid_centres,
+    image_probabilities,
+    working_view,
+)
+from inference.train import train
+from inference.train_mammo import lesion_positions
+
+SIZE = 256
+
+
+def _breast(rng: np.random.Generator, on_right: bool) -> np.ndarray:
+    """A synthetic MLO-like mammogram: a bright half-ellipse of textured tissue on a dark film."""
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    inside = ((rows - SIZE / 2) / (SIZE * 0.45)) ** 2 + (cols / (SIZE * 0.5)) ** 2 < 1.0
+    pixels = rng.integers(0, 12, size=(SIZE, SIZE)).astype(np.float32)
+    pixels[inside] = 110 + rng.normal(0, 14, size=int(inside.sum()))
+    image = np.clip(pixels, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image[:, ::-1]) if on_right else image
+
+
+def _tiny_mias(root: Path, patients: int = 18) -> Path:
+    """Patients of two images (R odd, L even); a third of the images carry one bright blob."""
+    rng = np.random.default_rng(0)
+    rows = ["path,ref,patient_id,side,background_tissue,abnormality,severity,x,y,radius,"
+            "image_label"]
+    number = 0
+    for patient in range(1, patients + 1):
+        for side in ("R", "L"):
+            number += 1
+            ref = f"mdb{number:03d}"
+            label = MIAS_LABELS[(patient + (side == "L")) % 3]
+            image = _breast(rng, on_right=side == "R")
+            x = y = radius = ""
+            if label != "normal":
+                row, col = int(rng.integers(80, 176)), int(rng.integers(20, 90))
+                col = SIZE - 1 - col if side == "R" else col
+                blob = (np.mgrid[0:SIZE, 0:SIZE][0] - row) ** 2 + (
+                    np.mgrid[0:SIZE, 0:SIZE][1] - col) ** 2 < 10**2
+                image[blob] = 235 if label == "malignant" else 200
+                x, y, radius = str(col), str(SIZE - row), "10"
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / label / f"{ref}.png")
+            kind = "NORM" if label == "normal" else "CIRC"
+            severity = {"normal": "", "benign": "B", "malignant": "M"}[label]
+            rows.append(f"{label}/{ref}.png,{ref},p{patient:03d},{side},G,{kind},{severity},"
+                        f"{x},{y},{radius},{label}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_mias(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_mias(tmp_path_factory.mktemp("mias"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_mias: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mg_run")
+    return train("MG", tiny_mias, out, epochs=4, seed=0, max_minutes=600.0, patience=5)
+
+
+def test_lesion_rows_are_measured_from_the_bottom(tiny_mias: Path) -> None:
+    lesions = read_mias_lesions(tiny_mias)
+    path, found = next((p, v) for p, v in sorted(lesions.items()) if v)
+    image = np.asarray(Image.open(tiny_mias / path))
+    lesion = found[0]
+    assert image[int(lesion.row), int(lesion.col)] >= 200, "the blob is at (H - y, x)"
+    view = working_view(image)
+    (row, col, radius, _), = lesion_positions(view, found, image.shape[1])
+    assert radius == pytest.approx(10.0 * view.geometry.scale)
+    assert view.pixels[int(round(row)), int(round(col))] > view.pixels[view.tissue].mean() + 1.0
+
+
+def test_working_view_turns_the_chest_wall_left() -> None:
+    rng = np.random.default_rng(3)
+    left = _breast(rng, on_right=False)
+    right = np.ascontiguousarray(left[:, ::-1])
+    view_left, view_right = working_view(left), working_view(right)
+    assert not view_left.geometry.flipped and view_right.geometry.flipped
+    assert np.allclose(view_left.pixels, view_right.pixels)
+    assert 0.85 * SIZE < view_left.pixels.shape[0] <= SIZE  # cropped to the breast, scale 1
+    assert view_left.tissue.mean() > 0.65, "the crop is mostly breast (a half-ellipse)"
+    centres = grid_centres(view_left, PatchSettings())
+    assert len(centres) > 10 and view_left.tissue[centres[:, 0], centres[:, 1]].all()
+
+
+def test_pooling_is_monotone_in_the_lesion_score() -> None:
+    settings = PatchSettings(top_k=2, platt_a=1.5, platt_b=-0.5)
+    calm = np.tile([0.9, 0.05, 0.05], (20, 1))
+    suspicious = calm.copy()
+    suspicious[3] = [0.1, 0.2, 0.7]
+    suspicious[7] = [0.2, 0.2, 0.6]
+    p_calm, _ = image_probabilities(calm, settings)
+    p_susp, top = image_probabilities(suspicious, settings)
+    assert p_calm.sum() == pytest.approx(1.0) and p_susp.sum() == pytest.approx(1.0)
+    assert p_susp[0] < p_calm[0]
+    assert sorted(top.tolist()) == [3, 7]
+    assert p_susp[2] > p_susp[1], "the top patches say malignant"
+
+
+def test_training_writes_a_patch_card(tiny_model: Path) -> None:
+    card = json.loads(tiny_model.read_text())
+    assert card["labels"] == list(MIAS_LABELS)
+    assert card["postprocessing_kind"] == "mammo_patch_topk"
+    assert card["patch_model"]["top_k"] >= 1
+    for name in ("mg_mias.pt", "mg_mias_ood.npz", "mg_mias_curves.png", "mg_mias_roc.png",
+                 "mg_mias_confusion.png", "mg_mias_history.json"):
+        assert (tiny_model.parent / name).is_file(), name
+    assert card["metrics"]["val"]["n"] > 0
+    # bright blobs on a synthetic breast: four epochs find them
+    assert card["metrics"]["val_patch_auc"] > 0.7
+
+
+def test_classifier_serves_a_mammogram(tiny_model: Path, tiny_mias: Path) -> None:
+    classifier = classifier_from_card(ModelCard.from_file(tiny_model))
+    assert isinstance(classifier, MammoPatchClassifier)
+    image = np.asarray(Image.open(tiny_mias / "benign" / "mdb001.png"))  # a right breast
+    prediction = classifier.predict(image)
+    assert prediction.modality == "MG" and prediction.label in MIAS_LABELS
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert prediction.heatmap.shape == image.shape and prediction.heatmap.dtype == np.float32
+    assert 0.0 <= float(prediction.heatmap.min()) <= float(prediction.heatmap.max()) <= 1.0
+    assert prediction.ood_score is not None
+    assert prediction.embedding.ndim == 1 and prediction.embedding.dtype == np.float32
+    # the heatmap lies in the frame of the image given: mirrored image -> mirrored heatmap
+    mirrored = classifier.predict(np.ascontiguousarray(image[:, ::-1]))
+    assert mirrored.probabilities == pytest.approx(prediction.probabilities, abs=1e-6)
+    assert np.allclose(mirrored.heatmap[:, ::-1], prediction.heatmap, atol=1e-5)
+    # the heatmap is over the breast (the right half of this image), not the empty film
+    assert prediction.heatmap[:, : SIZE // 4].max() == 0.0
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    assert classifier.predict(rgb).probabilities == pytest.approx(prediction.probabilities,
+                                                                   abs=1e-4)
+    blank = classifier.predict(np.zeros((300, 200), dtype=np.uint8))
+    assert blank.not_assessable and blank.heatmap.shape == (300, 200)
+    with pytest.raises(ValueError, match="uint8"):
+        classifier.predict(np.zeros((64, 64), dtype=np.float32))
+
+
+def test_evaluate_and_load_bundled_take_the_patch_card(tiny_model: Path, tiny_mias: Path) -> None:
+    from inference.evaluate import evaluate_folder
+
+    result = evaluate_folder("MG", tiny_mias, model=tiny_model.parent)
+    assert result["n"] == 36 and result["model"]["name"] == "mg_mias"
+    assert result["auc_abnormal"] is not None
+    shipped = tiny_model.parent / "shipped"
+    shipped.mkdir()
+    for name in ("mg_mias.pt", "mg_mias.json", "mg_mias_ood.npz"):
+        shutil.copy(tiny_model.parent / name, shipped / name)
+    classifier = load_bundled("MG", directory=shipped)
+    assert isinstance(classifier, MammoPatchClassifier)
