@@ -179,6 +179,69 @@ def test_tile_classifier_matches_predict_batch(untrained: Classifier, idc_dir: P
     np.testing.assert_allclose(embeddings, np.stack([p.embedding for p in reference]), atol=1e-4)
 
 
+@pytest.mark.parametrize("model", ["bundled", "untrained"])
+def test_batch_preprocessing_equals_the_per_tile_transform(
+    model: str, untrained: Classifier, idc_dir: Path
+) -> None:
+    """The vectorised preprocessing gives the classifier's own MONAI transform's numbers
+    (fixed per-channel standardisation of RGB for sm_idc; grey and per-image z-score for the
+    untrained model), and the tile probabilities equal the per-tile path's."""
+    if model == "bundled":
+        try:
+            classifier = load_bundled("SM")
+        except ModelNotAvailableError as exc:
+            pytest.skip(f"needs the bundled SM patch model: {exc}")
+    else:
+        classifier = untrained
+    from inference.wsi.train_aggregator import patch_pixels
+
+    tiles = np.stack([patch_pixels(idc_dir, p) for p in read_idc_patches(idc_dir)[:48]])
+    tiles[5] = 200  # a uniform tile: MONAI's z-score of it is rounding noise, reproduced
+    tile_classifier = TileClassifier(classifier)
+    batch = tile_classifier.preprocess(tiles)
+    per_tile = torch.stack([classifier.preprocess(tile) for tile in tiles])
+    assert batch.shape == per_tile.shape and batch.is_contiguous()
+    np.testing.assert_allclose(batch.numpy(), per_tile.numpy(), atol=1e-6)
+    probabilities, embeddings = tile_classifier(tiles)
+    reference = classifier.predict_batch(list(tiles))
+    positive = classifier.labels[tile_classifier.positive_index]
+    np.testing.assert_allclose(
+        probabilities[:, tile_classifier.positive_index],
+        [p.probabilities[positive] for p in reference],
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(embeddings, np.stack([p.embedding for p in reference]), atol=1e-4)
+
+
+def test_the_network_sees_batches_of_one_shape(
+    patient_slide: tuple[list[Path], object], untrained: Classifier
+) -> None:
+    """Every batch but the last has exactly ``batch_size`` tiles, whatever the blocks hold
+    (batches of varying size made oneDNN cache primitives and scratch memory per shape, and
+    the process grow with the slide), and each tile is classified once."""
+    paths, _ = patient_slide
+    sizes: list[int] = []
+    network = untrained.network
+    forward = network.forward_features
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(int(x.shape[0]))
+        return forward(x)
+
+    network.forward_features = recording  # type: ignore[method-assign]
+    try:
+        with WholeSlide.open(paths) as slide:
+            result = analyse_slide(slide, untrained, batch_size=10, block_tiles=3)
+    finally:
+        del network.forward_features  # type: ignore[method-assign]
+    views = 2 if untrained.card.hflip_tta else 1
+    assert len(sizes) >= 3
+    assert all(size == 10 * views for size in sizes[:-1]), sizes
+    assert 0 < sizes[-1] <= 10 * views
+    assert sum(sizes) == result.tissue_tiles * views
+    assert int(np.count_nonzero(~np.isnan(result.probability_map))) == result.tissue_tiles
+
+
 def test_attention_stream_equals_the_whole_bag() -> None:
     torch.manual_seed(0)
     model = GatedAttentionMIL(16, hidden=8).eval()
