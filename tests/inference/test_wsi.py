@@ -233,7 +233,7 @@ def test_the_network_sees_batches_of_one_shape(
         with WholeSlide.open(paths) as slide:
             result = analyse_slide(slide, untrained, batch_size=10, block_tiles=3)
     finally:
-        del network.forward_features  # type: ignore[method-assign]
+        del network.forward_features
     views = 2 if untrained.card.hflip_tta else 1
     assert len(sizes) >= 3
     assert all(size == 10 * views for size in sizes[:-1]), sizes
