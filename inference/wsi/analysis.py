@@ -323,13 +323,15 @@ def analyse_slide(
     block_tiles: int = 16,
     thumbnail_pixels: int = 1536,
     max_tiles: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SlideAnalysis:
     """Find tissue, classify its tiles in batches and pool them into a slide result.
 
     ``threshold`` makes a tile tumour-positive (its tumour probability at or above it);
     ``min_tissue_fraction`` of a tile must be tissue for it to be analysed. Raises
     ``SlideError`` when the slide cannot be analysed (too coarse, smaller than one tile, more
-    tissue tiles than ``max_tiles``).
+    tissue tiles than ``max_tiles``). ``progress(done, total)`` is called after each batch
+    with the tiles classified so far and the tissue tiles in all.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -363,9 +365,11 @@ def analyse_slide(
     embedding_sum: npt.NDArray[np.float64] | None = None
     read_seconds = 0.0
     model_seconds = 0.0
+    total = int(tissue.sum())
+    done = 0
 
     def consume(tiles: npt.NDArray[np.uint8], where: npt.NDArray[np.intp]) -> None:
-        nonlocal embedding_sum, model_seconds
+        nonlocal embedding_sum, model_seconds, done
         t0 = time.perf_counter()
         probabilities, embeddings = tile_classifier(tiles)
         model_seconds += time.perf_counter() - t0
@@ -376,6 +380,9 @@ def analyse_slide(
             stream.update(embeddings)
         batch_sum = embeddings.astype(np.float64).sum(axis=0)
         embedding_sum = batch_sum if embedding_sum is None else embedding_sum + batch_sum
+        done += len(tiles)
+        if progress is not None:
+            progress(done, total)
 
     batches = _TileBatches(batch_size, consume)
     for r0, c0, r1, c1 in _blocks(tissue, block_tiles):
