@@ -242,6 +242,34 @@ def test_the_network_sees_batches_of_one_shape(
     assert int(np.count_nonzero(~np.isnan(result.probability_map))) == result.tissue_tiles
 
 
+def test_block_tiles_cut_and_resize_like_one_tile_at_a_time() -> None:
+    """At exactly 4 µm/pixel a block is cut by one reshape; at another spacing (55 px per
+    200 µm tile, a 3.64 µm level) each tile is cut at its rounded position and resized."""
+    from PIL import Image
+
+    from inference.wsi.analysis import _block_tiles
+
+    rng = np.random.default_rng(5)
+    tissue = rng.random((3, 4)) < 0.6
+    tissue[0, 0] = True
+    region = rng.integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    cut = _block_tiles(region, tissue, 7, 9, 50.0)
+    positions = list(zip(*np.nonzero(tissue), strict=True))
+    expected = [region[r * 50 : r * 50 + 50, c * 50 : c * 50 + 50] for r, c in positions]
+    np.testing.assert_array_equal(cut, np.stack(expected))
+    side = 55.0
+    region = rng.integers(0, 256, size=(170, 225, 3), dtype=np.uint8)
+    resized = _block_tiles(region, tissue, 7, 9, side)
+    expected = []
+    for r, c in positions:
+        x, y = round((9 + c) * side) - round(9 * side), round((7 + r) * side) - round(7 * side)
+        tile = np.ascontiguousarray(region[y : y + 55, x : x + 55])
+        image = Image.fromarray(tile).resize((50, 50), Image.Resampling.BILINEAR)
+        expected.append(np.asarray(image))
+    assert resized.shape == (int(tissue.sum()), 50, 50, 3)
+    np.testing.assert_array_equal(resized, np.stack(expected))
+
+
 def test_attention_stream_equals_the_whole_bag() -> None:
     torch.manual_seed(0)
     model = GatedAttentionMIL(16, hidden=8).eval()
