@@ -278,20 +278,22 @@ def _block_tiles(
 class _TileBatches:
     """A fixed (batch_size, 50, 50, 3) buffer of tiles and their grid positions.
 
-    Every batch but the last has exactly ``batch_size`` tiles, so the network always sees the
-    same input shape (oneDNN caches primitives and scratch memory per shape: batches of varying
-    size made the process grow with the slide).
+    Every batch the network sees has exactly ``batch_size`` tiles: the last one is filled up
+    with tiles of the previous batch (or left as it is) and only its first ``count`` results
+    are used. The CPU convolutions keep memory per input shape, so batches of varying size
+    made the process grow with the slide, and a last batch of another size per slide would
+    make a worker grow from slide to slide.
     """
 
     def __init__(
         self,
         batch_size: int,
-        consume: Callable[[npt.NDArray[np.uint8], npt.NDArray[np.intp]], None],
+        consume: Callable[[npt.NDArray[np.uint8], npt.NDArray[np.intp], int], None],
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        self.tiles = np.empty((batch_size, TILE_PIXELS, TILE_PIXELS, 3), dtype=np.uint8)
-        self.where = np.empty((batch_size, 2), dtype=np.intp)
+        self.tiles = np.zeros((batch_size, TILE_PIXELS, TILE_PIXELS, 3), dtype=np.uint8)
+        self.where = np.zeros((batch_size, 2), dtype=np.intp)
         self.count = 0
         self.consume = consume
 
@@ -307,8 +309,9 @@ class _TileBatches:
                 self.flush()
 
     def flush(self) -> None:
+        """Classify what the buffer holds (the whole buffer; the first ``count`` count)."""
         if self.count:
-            self.consume(self.tiles[: self.count], self.where[: self.count])
+            self.consume(self.tiles, self.where, self.count)
             self.count = 0
 
 
@@ -368,11 +371,12 @@ def analyse_slide(
     total = int(tissue.sum())
     done = 0
 
-    def consume(tiles: npt.NDArray[np.uint8], where: npt.NDArray[np.intp]) -> None:
+    def consume(tiles: npt.NDArray[np.uint8], where: npt.NDArray[np.intp], count: int) -> None:
         nonlocal embedding_sum, model_seconds, done
         t0 = time.perf_counter()
         probabilities, embeddings = tile_classifier(tiles)
         model_seconds += time.perf_counter() - t0
+        probabilities, embeddings, where = probabilities[:count], embeddings[:count], where[:count]
         probability_map[where[:, 0], where[:, 1]] = probabilities[
             :, tile_classifier.positive_index
         ]
@@ -380,7 +384,7 @@ def analyse_slide(
             stream.update(embeddings)
         batch_sum = embeddings.astype(np.float64).sum(axis=0)
         embedding_sum = batch_sum if embedding_sum is None else embedding_sum + batch_sum
-        done += len(tiles)
+        done += count
         if progress is not None:
             progress(done, total)
 
