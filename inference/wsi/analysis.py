@@ -239,6 +239,9 @@ class TileClassifier:
         views = 2 if card.hflip_tta else 1
         if views == 2:
             inputs = torch.cat([inputs, torch.flip(inputs, dims=[3])])
+        # channels-last memory: the CPU convolutions ran about 10% faster on 50 px tiles in it
+        # (median of paired runs; probabilities differ by < 1e-6)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             embedding = network.embed(network.forward_features(inputs))
             logits = network.classify(embedding).view(views, count, -1).mean(dim=0)
