@@ -9,7 +9,8 @@ is accepted), each tile resized to 50 x 50 pixels when that level is not exactly
 
 Streaming. Tissue is found on a low-resolution image (``TISSUE_MPP`` = 50 µm/pixel, 4 x 4 pixels
 per tile). The tissue tiles are then read block by block (``block_tiles`` x ``block_tiles`` tiles
-per wsidicom read), classified in batches, and reduced at once into the tile-probability grid
+per wsidicom read), classified in batches of one fixed size (``_TileBatches``: the network's
+memory grows with every new input shape), and reduced at once into the tile-probability grid
 (one float per tile) and the attention pool; neither the level nor the tiles' embeddings are
 ever held whole.
 """
