@@ -179,6 +179,95 @@ def test_tile_classifier_matches_predict_batch(untrained: Classifier, idc_dir: P
     np.testing.assert_allclose(embeddings, np.stack([p.embedding for p in reference]), atol=1e-4)
 
 
+@pytest.mark.parametrize("model", ["bundled", "untrained"])
+def test_batch_preprocessing_equals_the_per_tile_transform(
+    model: str, untrained: Classifier, idc_dir: Path
+) -> None:
+    """The vectorised preprocessing gives the classifier's own MONAI transform's numbers
+    (fixed per-channel standardisation of RGB for sm_idc; grey and per-image z-score for the
+    untrained model), and the tile probabilities equal the per-tile path's."""
+    if model == "bundled":
+        try:
+            classifier = load_bundled("SM")
+        except ModelNotAvailableError as exc:
+            pytest.skip(f"needs the bundled SM patch model: {exc}")
+    else:
+        classifier = untrained
+    from inference.wsi.train_aggregator import patch_pixels
+
+    tiles = np.stack([patch_pixels(idc_dir, p) for p in read_idc_patches(idc_dir)[:48]])
+    tiles[5] = 200  # a uniform tile: MONAI's z-score of it is rounding noise, reproduced
+    tile_classifier = TileClassifier(classifier)
+    batch = tile_classifier.preprocess(tiles)
+    per_tile = torch.stack([classifier.preprocess(tile) for tile in tiles])
+    assert batch.shape == per_tile.shape and batch.is_contiguous()
+    np.testing.assert_allclose(batch.numpy(), per_tile.numpy(), atol=1e-6)
+    probabilities, embeddings = tile_classifier(tiles)
+    reference = classifier.predict_batch(list(tiles))
+    positive = classifier.labels[tile_classifier.positive_index]
+    np.testing.assert_allclose(
+        probabilities[:, tile_classifier.positive_index],
+        [p.probabilities[positive] for p in reference],
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(embeddings, np.stack([p.embedding for p in reference]), atol=1e-4)
+
+
+def test_the_network_sees_batches_of_one_shape(
+    patient_slide: tuple[list[Path], object], untrained: Classifier
+) -> None:
+    """Every batch has exactly ``batch_size`` tiles, whatever the blocks hold and however many
+    tiles the slide has (the CPU convolutions keep memory per input shape: batches of varying
+    size made the process grow with the slide), and each tile is counted once."""
+    paths, _ = patient_slide
+    sizes: list[int] = []
+    network = untrained.network
+    forward = network.forward_features
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(int(x.shape[0]))
+        return forward(x)
+
+    network.forward_features = recording  # type: ignore[method-assign]
+    try:
+        with WholeSlide.open(paths) as slide:
+            result = analyse_slide(slide, untrained, batch_size=10, block_tiles=3)
+    finally:
+        del network.forward_features
+    views = 2 if untrained.card.hflip_tta else 1
+    assert result.tissue_tiles % 10, "pick a batch size that leaves a partial last batch"
+    assert sizes == [10 * views] * -(-result.tissue_tiles // 10), sizes
+    assert int(np.count_nonzero(~np.isnan(result.probability_map))) == result.tissue_tiles
+
+
+def test_block_tiles_cut_and_resize_like_one_tile_at_a_time() -> None:
+    """At exactly 4 µm/pixel a block is cut by one reshape; at another spacing (55 px per
+    200 µm tile, a 3.64 µm level) each tile is cut at its rounded position and resized."""
+    from PIL import Image
+
+    from inference.wsi.analysis import _block_tiles
+
+    rng = np.random.default_rng(5)
+    tissue = rng.random((3, 4)) < 0.6
+    tissue[0, 0] = True
+    region = rng.integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    cut = _block_tiles(region, tissue, 7, 9, 50.0)
+    positions = list(zip(*np.nonzero(tissue), strict=True))
+    expected = [region[r * 50 : r * 50 + 50, c * 50 : c * 50 + 50] for r, c in positions]
+    np.testing.assert_array_equal(cut, np.stack(expected))
+    side = 55.0
+    region = rng.integers(0, 256, size=(170, 225, 3), dtype=np.uint8)
+    resized = _block_tiles(region, tissue, 7, 9, side)
+    expected = []
+    for r, c in positions:
+        x, y = round((9 + c) * side) - round(9 * side), round((7 + r) * side) - round(7 * side)
+        tile = np.ascontiguousarray(region[y : y + 55, x : x + 55])
+        image = Image.fromarray(tile).resize((50, 50), Image.Resampling.BILINEAR)
+        expected.append(np.asarray(image))
+    assert resized.shape == (int(tissue.sum()), 50, 50, 3)
+    np.testing.assert_array_equal(resized, np.stack(expected))
+
+
 def test_attention_stream_equals_the_whole_bag() -> None:
     torch.manual_seed(0)
     model = GatedAttentionMIL(16, hidden=8).eval()
