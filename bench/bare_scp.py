@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 
@@ -21,7 +23,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
     def handle_store(event: Event) -> Dataset | int:
-        uid = str(event.request.AffectedSOPInstanceUID)
+        uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         fd = os.open(folder / f"{uid}.dcm", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             os.write(fd, event.encoded_dataset())
@@ -33,9 +35,10 @@ def main() -> None:
     ae = AE(ae_title="BARESCP")
     ae.maximum_associations = 64
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(
-            context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        )
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(
+                context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            )
     ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, handle_store)])
 
 

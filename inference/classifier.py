@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.backends import FeatureFunction, compile_features
 from inference.card import ModelCard, sha256_file
 from inference.datasets import pad_to
 from inference.mammo import breast_bbox, chest_wall_on_right
@@ -65,6 +66,19 @@ class Classifier:
             self._normalize = normalize_transform()
         self.ood_scorer = ood_scorer
         self.ood_threshold = float(card.ood.get("threshold", math.inf))
+        # the trunk's forward pass: eager unless with_backend() chose another (inference.backends)
+        self.backend = "eager"
+        self._features: FeatureFunction = self.network.forward_features
+
+    def with_backend(self, backend: str) -> Classifier:
+        """Run the convolutional trunk through ``backend`` (eager, torchscript, onnx); the head
+        and Grad-CAM stay eager. Returns self."""
+        channels = int(self.card.preprocessing_params["channels"])
+        size = int(self.card.input_size)
+        example = torch.zeros(1, channels, size, size)
+        self._features = compile_features(self.module, backend, example)
+        self.backend = backend
+        return self
 
     @classmethod
     def from_card(cls, card: ModelCard, weights: Path | None = None) -> Classifier:
@@ -177,7 +191,7 @@ class Classifier:
         if views == 2:
             inputs = torch.cat([inputs, torch.flip(inputs, dims=[3])])
         with torch.no_grad():
-            features = self.network.forward_features(inputs)
+            features = self._features(inputs)
         with torch.enable_grad():
             features = features.detach().requires_grad_(True)
             embedding = self.network.embed(features)

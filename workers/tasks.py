@@ -102,6 +102,9 @@ class WorkerContext:
             return self._models[modality]
 
     def _load(self, modality: str) -> Classifier:
+        return self._find(modality).with_backend(self.settings.inference_backend)
+
+    def _find(self, modality: str) -> Classifier:
         for directory in self.settings.model_dirs:
             try:
                 return load_bundled(modality, directory)
