@@ -253,8 +253,9 @@ class Node:
         return Path(self.config["data_dir"]) / "state.db"
 
     def add_worker(self, name: str) -> Proc:
+        # INFO: Celery's "ready." line tells the bench the worker has warmed up
         worker = Proc(name, breastcad_command("worker", "--config", str(self.config_path)),
-                      self.workdir).start()
+                      self.workdir, env=child_env(BREASTCAD_LOG_LEVEL="INFO")).start()
         self.workers.append(worker)
         return worker
 
