@@ -252,10 +252,14 @@ class Node:
     def database(self) -> Path:
         return Path(self.config["data_dir"]) / "state.db"
 
-    def add_worker(self, name: str) -> Proc:
+    def add_worker(self, name: str, torch_threads: int | None = None) -> Proc:
+        """Start a ``breastcad worker`` on the node's config (``torch_threads`` overrides)."""
         # INFO: Celery's "ready." line tells the bench the worker has warmed up
+        extra = {"BREASTCAD_LOG_LEVEL": "INFO"}
+        if torch_threads is not None:
+            extra["BREASTCAD_TORCH_THREADS"] = str(torch_threads)
         worker = Proc(name, breastcad_command("worker", "--config", str(self.config_path)),
-                      self.workdir, env=child_env(BREASTCAD_LOG_LEVEL="INFO")).start()
+                      self.workdir, env=child_env(**extra)).start()
         self.workers.append(worker)
         return worker
 

@@ -118,13 +118,16 @@ def run(threads: int, seconds: float, batches: tuple[int, ...] = (1, 64),
 
 
 def print_table(report: dict[str, Any]) -> None:
+    big = max(int(key.rsplit("_b", 1)[1]) for key in report["rows"][0] if
+              key.startswith("serving_b") and key[9:].isdigit())
     body = [
-        [r["model"], r["backend"], r.get("trunk_b1"), r.get("trunk_b64"), r.get("serving_b1_ms"),
-         r.get("serving_b64"), r.get("predict_b64"), f"{r['max_abs_probability_difference']:.1e}"]
+        [r["model"], r["backend"], r.get("trunk_b1"), r.get(f"trunk_b{big}"),
+         r.get("serving_b1_ms"), r.get(f"serving_b{big}"), r.get(f"predict_b{big}"),
+         f"{r['max_abs_probability_difference']:.1e}"]
         for r in report["rows"]
     ]
-    print(table(body, ["model", "backend", "trunk b1 img/s", "trunk b64 img/s",
-                       "serving b1 ms", "serving b64 img/s", "predict b64 img/s",
+    print(table(body, ["model", "backend", "trunk b1 img/s", f"trunk b{big} img/s",
+                       "serving b1 ms", f"serving b{big} img/s", f"predict b{big} img/s",
                        "max |dp| vs eager"]))
 
 

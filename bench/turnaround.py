@@ -215,22 +215,21 @@ def breakdown(sent: float, rows: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def turnaround(layout_name: str, count: int, quiet: float, workdir: Path, backend: str,
+def turnaround(handle: Node, layout_name: str, count: int, quiet: float, backend: str,
                quiet_bar: bool = False) -> dict[str, Any]:
+    """``count`` lone series one after another: the turnaround and its stages."""
     images = busi_images(count)
-    with layout(workdir / layout_name, layout_name == "distributed", quiet,
-                backend=backend) as handle:
-        db = StateDB(str(handle.config.get("database_url") or f"sqlite:///{handle.database}"))
-        per_series: list[dict[str, float]] = []
-        try:
-            for index, pixels in enumerate(tqdm(images, desc=f"turnaround {layout_name}",
-                                                unit="series", disable=quiet_bar)):
-                ds = us_dataset(pixels, index)
-                (sent,) = _send(handle.dicom_port, [ds])
-                rows = _wait_delivered(db, [str(ds.SeriesInstanceUID)], 120)
-                per_series.append(breakdown(sent, rows[str(ds.SeriesInstanceUID)]))
-        finally:
-            db.dispose()
+    db = StateDB(str(handle.config.get("database_url") or f"sqlite:///{handle.database}"))
+    per_series: list[dict[str, float]] = []
+    try:
+        for index, pixels in enumerate(tqdm(images, desc=f"turnaround {layout_name}",
+                                            unit="series", disable=quiet_bar)):
+            ds = us_dataset(pixels, index)
+            (sent,) = _send(handle.dicom_port, [ds])
+            rows = _wait_delivered(db, [str(ds.SeriesInstanceUID)], 120)
+            per_series.append(breakdown(sent, rows[str(ds.SeriesInstanceUID)]))
+    finally:
+        db.dispose()
     totals = [s["total"] for s in per_series]
     return {
         "layout": layout_name, "series": count, "series_quiet_seconds": quiet,
@@ -244,42 +243,59 @@ def turnaround(layout_name: str, count: int, quiet: float, workdir: Path, backen
     }
 
 
-def scale_out(workers: int, count: int, quiet: float, workdir: Path, backend: str,
-              torch_threads: int) -> dict[str, Any]:
-    images = busi_images(count)
-    datasets = [us_dataset(pixels, 1000 + i) for i, pixels in enumerate(images)]
-    with layout(workdir / f"scale-{workers}", True, quiet, workers=workers,
-                torch_threads=torch_threads, backend=backend) as handle:
-        db = StateDB(str(handle.config["database_url"]))
-        try:
-            started = time.time()
-            _send(handle.dicom_port, datasets)
-            rows = _wait_delivered(db, [str(ds.SeriesInstanceUID) for ds in datasets], 900)
-            last = max(_epoch(r["attempt"].finished_at) for r in rows.values())
-            analysis = [_epoch(r["job"].finished_at) - _epoch(r["job"].started_at)
-                        for r in rows.values()]
-        finally:
-            db.dispose()
-    # the quiet period passes once for the whole burst: it is not analysis capacity
-    seconds = last - started - quiet
-    return {
-        "workers": workers, "torch_threads_per_worker": torch_threads, "series": count,
-        "seconds": round(seconds, 2), "series_per_minute": round(60 * count / seconds, 1),
-        "analysis_seconds_median": round(statistics.median(analysis), 3),
-    }
+def _burst(handle: Node, datasets: list[Dataset], quiet: float) -> tuple[float, list[float]]:
+    """Send all at once; seconds until the last SR is in the PACS (the quiet period, passed once
+    for the whole burst, not counted) and each job's analysis seconds."""
+    db = StateDB(str(handle.config["database_url"]))
+    try:
+        started = time.time()
+        _send(handle.dicom_port, datasets)
+        rows = _wait_delivered(db, [str(ds.SeriesInstanceUID) for ds in datasets], 900)
+        last = max(_epoch(r["attempt"].finished_at) for r in rows.values())
+        analysis = [_epoch(r["job"].finished_at) - _epoch(r["job"].started_at)
+                    for r in rows.values()]
+    finally:
+        db.dispose()
+    return last - started - quiet, analysis
+
+
+def scale_out(handle: Node, count: int, quiet: float) -> list[dict[str, Any]]:
+    """Bursts of ``count`` series into the distributed layout: with its one worker (2 torch
+    threads), then with two workers of 1 torch thread each (the same 2 cores)."""
+    rows = []
+    for phase, (workers, threads) in enumerate(((1, 2), (2, 1))):
+        if phase:
+            for worker in handle.workers:
+                worker.stop()
+            handle.workers.clear()
+            for index in range(workers):
+                handle.add_worker(f"scale-worker-{index}", torch_threads=threads)
+            _wait_for_workers(handle, workers)
+        images = busi_images(count)
+        datasets = [us_dataset(px, 1000 * (phase + 1) + i) for i, px in enumerate(images)]
+        seconds, analysis = _burst(handle, datasets, quiet)
+        rows.append({
+            "workers": workers, "torch_threads_per_worker": threads, "series": count,
+            "seconds": round(seconds, 2), "series_per_minute": round(60 * count / seconds, 1),
+            "analysis_seconds_median": round(statistics.median(analysis), 3),
+        })
+    return rows
 
 
 def run(series: int, quiet: float, scale_series: int, backend: str = "eager",
         layouts: tuple[str, ...] = ("embedded", "distributed"), quiet_bar: bool = False
         ) -> dict[str, Any]:
+    """Turnaround in each layout; scale-out in the distributed one, after its turnaround."""
     load_before = load_average()
+    results: list[dict[str, Any]] = []
+    scaling: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-turnaround-") as tmp:
         work = Path(tmp)
-        results = [turnaround(name, series, quiet, work, backend, quiet_bar) for name in layouts]
-        scaling = []
-        if scale_series:
-            scaling = [scale_out(1, scale_series, quiet, work, backend, 2),
-                       scale_out(2, scale_series, quiet, work, backend, 1)]
+        for name in layouts:
+            with layout(work / name, name == "distributed", quiet, backend=backend) as handle:
+                results.append(turnaround(handle, name, series, quiet, backend, quiet_bar))
+                if name == "distributed" and scale_series:
+                    scaling = scale_out(handle, scale_series, quiet)
     report: dict[str, Any] = {
         "benchmark": "turnaround", "machine": machine(), "load_average_before": load_before,
         "turnaround": results, "scale_out": scaling, "load_average_after": load_average(),
