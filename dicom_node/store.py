@@ -11,12 +11,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import CursorResult, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from dicom_node.db import Instance, Series, SeriesState, StateDB, Study, utcnow
 
@@ -156,9 +154,9 @@ class InstanceStore:
         dataset: Dataset,
         calling_ae: str | None,
     ) -> bool:
-        # Core statements, not the ORM unit of work: an instance of a known series is one
-        # UPDATE and one INSERT in one transaction (the ORM's get/flush/commit cost about a fifth
-        # of a C-STORE's time in the ingest profile; docs/BENCHMARKS.md)
+        # Core statements on a connection, not the ORM session: an instance of a known series is
+        # one UPDATE and one INSERT in one transaction (the ORM's get/flush/commit took about a
+        # fifth of a C-STORE's time in the ingest profile; docs/BENCHMARKS.md)
         values = {
             "sop_instance_uid": key.sop_instance_uid,
             "sop_class_uid": key.sop_class_uid,
@@ -173,18 +171,18 @@ class InstanceStore:
         for _ in range(5):
             now = utcnow()
             try:
-                with self.db.session() as session:
+                with self.db.engine.begin() as connection:
                     # a late instance re-opens a completed series: it is analysed again after
                     # the quiet period, and the new result is a new SR
-                    reopened = session.execute(
+                    reopened = connection.execute(
                         update(Series)
                         .where(Series.series_instance_uid == key.series_instance_uid)
                         .values(state=SeriesState.RECEIVING, last_instance_at=now)
                     )
-                    if not cast("CursorResult[Any]", reopened).rowcount:
-                        self._insert_study(session, key, dataset)
-                        self._insert_series(session, key, dataset, calling_ae, now)
-                    session.execute(insert(Instance).values(**values, received_at=now))
+                    if not reopened.rowcount:
+                        self._insert_study(connection, key, dataset)
+                        self._insert_series(connection, key, dataset, calling_ae, now)
+                    connection.execute(insert(Instance).values(**values, received_at=now))
                 return False
             except IntegrityError:
                 # another association inserted the same study, series or instance meanwhile
@@ -193,9 +191,14 @@ class InstanceStore:
                         return True  # the same instance arrived concurrently: stored once
         raise StoreWriteError("could not record the instance after repeated conflicts")
 
-    def _insert_study(self, session: Session, key: InstanceKey, dataset: Dataset) -> None:
-        if session.get(Study, key.study_instance_uid) is None:
-            session.execute(
+    def _insert_study(self, connection: Connection, key: InstanceKey, dataset: Dataset) -> None:
+        known = connection.execute(
+            select(Study.study_instance_uid).where(
+                Study.study_instance_uid == key.study_instance_uid
+            )
+        ).first()
+        if known is None:
+            connection.execute(
                 insert(Study).values(
                     study_instance_uid=key.study_instance_uid,
                     patient_id=_str_or_none(dataset.get("PatientID")),
@@ -208,13 +211,13 @@ class InstanceStore:
 
     def _insert_series(
         self,
-        session: Session,
+        connection: Connection,
         key: InstanceKey,
         dataset: Dataset,
         calling_ae: str | None,
         now: datetime,
     ) -> None:
-        session.execute(
+        connection.execute(
             insert(Series).values(
                 series_instance_uid=key.series_instance_uid,
                 study_instance_uid=key.study_instance_uid,
