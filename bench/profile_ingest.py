@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS / "ingest-profile.txt")
+    parser.add_argument("--idle", action="store_true", help="sample waiting threads too")
     args = parser.parse_args()
     images = busi_images(args.n)
     with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
@@ -59,6 +60,7 @@ def main() -> None:
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                  str(handle.serve.process.pid), "--format", "raw", "--threads",
+                 *(["--idle"] if args.idle else []),
                  "--rate", "100", "-o", str(raw)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
