@@ -63,7 +63,9 @@ def test_turnaround_breakdown_has_the_workers_stages() -> None:
     # stages the worker recorded with the result (inference.stages), not derived from rows
     for name in ("load", "decode", "preprocess", "model", "build", "save"):
         assert stages[name] > 0, (name, stages)
-    assert stages["completion wait"] >= 0.3  # the quiet period
+    # the quiet period runs from the instance row, written just before the C-STORE response the
+    # client times from: a few ms less than series_quiet_seconds can be measured
+    assert stages["completion wait"] >= 0.3 - 0.05
     assert stages["C-STORE out"] > 0
     assert result["p50_s"] == pytest.approx(stages["total"], abs=1e-3)
 
