@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     dispatch_interval_seconds: float = Field(default=0.5, gt=0)
     worker_concurrency: int = Field(default=1, ge=1)
     torch_threads: int = Field(default=2, ge=1)
+    # how a worker runs the models' convolutional trunk: eager PyTorch, TorchScript or ONNX
+    # Runtime (inference.backends; the head and Grad-CAM stay eager; docs/BENCHMARKS.md)
+    inference_backend: Literal["eager", "torchscript", "onnx"] = "eager"
     log_level: str = "INFO"
     # "json": one JSON object per log line (time, level, logger, message, UIDs); "text": plain
     log_format: Literal["text", "json"] = "text"

@@ -16,9 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from dicom_node.db import Instance, Series, SeriesState, StateDB, Study, utcnow
 
@@ -148,10 +147,12 @@ class InstanceStore:
         self, key: InstanceKey, encoded: bytes, dataset: Dataset, calling_ae: str | None
     ) -> StoreOutcome:
         relative = self.relative_path(key)
-        if self.exists(key.sop_instance_uid):
-            self._touch_series(key)
-            return StoreOutcome(self.root / relative, duplicate=True)
         final = self.root / relative
+        # a stored duplicate has its file at the final path: without one (the usual case) the
+        # DB is not asked (one transaction less per instance; bench/ingest.py)
+        if final.exists() and self.exists(key.sop_instance_uid):
+            self._touch_series(key)
+            return StoreOutcome(final, duplicate=True)
         self._write_durably(final, encoded)
         try:
             duplicate = self._record(key, relative, len(encoded), dataset, calling_ae)
@@ -195,26 +196,35 @@ class InstanceStore:
         dataset: Dataset,
         calling_ae: str | None,
     ) -> bool:
+        # Core statements on a connection, not the ORM session: an instance of a known series is
+        # one UPDATE and one INSERT in one transaction (the ORM's get/flush/commit took about a
+        # fifth of a C-STORE's time in the ingest profile; docs/BENCHMARKS.md)
+        values = {
+            "sop_instance_uid": key.sop_instance_uid,
+            "sop_class_uid": key.sop_class_uid,
+            "series_instance_uid": key.series_instance_uid,
+            "study_instance_uid": key.study_instance_uid,
+            "instance_number": _int_or_none(dataset.get("InstanceNumber")),
+            "transfer_syntax_uid": key.transfer_syntax_uid,
+            "path": str(relative),
+            "size": size,
+            "calling_ae": calling_ae,
+        }
         for _ in range(5):
             now = utcnow()
             try:
-                with self.db.session() as session:
-                    self._upsert_study(session, key, dataset)
-                    self._upsert_series(session, key, dataset, calling_ae, now)
-                    session.add(
-                        Instance(
-                            sop_instance_uid=key.sop_instance_uid,
-                            sop_class_uid=key.sop_class_uid,
-                            series_instance_uid=key.series_instance_uid,
-                            study_instance_uid=key.study_instance_uid,
-                            instance_number=_int_or_none(dataset.get("InstanceNumber")),
-                            transfer_syntax_uid=key.transfer_syntax_uid,
-                            path=str(relative),
-                            size=size,
-                            calling_ae=calling_ae,
-                            received_at=now,
-                        )
+                with self.db.engine.begin() as connection:
+                    # a late instance re-opens a completed series: it is analysed again after
+                    # the quiet period, and the new result is a new SR
+                    reopened = connection.execute(
+                        update(Series)
+                        .where(Series.series_instance_uid == key.series_instance_uid)
+                        .values(state=SeriesState.RECEIVING, last_instance_at=now)
                     )
+                    if not reopened.rowcount:
+                        self._insert_study(connection, key, dataset)
+                        self._insert_series(connection, key, dataset, calling_ae, now)
+                    connection.execute(insert(Instance).values(**values, received_at=now))
                 return False
             except IntegrityError:
                 # another association inserted the same study, series or instance meanwhile
@@ -223,46 +233,43 @@ class InstanceStore:
                         return True  # the same instance arrived concurrently: stored once
         raise StoreWriteError("could not record the instance after repeated conflicts")
 
-    def _upsert_study(self, session: Session, key: InstanceKey, dataset: Dataset) -> None:
-        if session.get(Study, key.study_instance_uid) is None:
-            session.add(
-                Study(
+    def _insert_study(self, connection: Connection, key: InstanceKey, dataset: Dataset) -> None:
+        known = connection.execute(
+            select(Study.study_instance_uid).where(
+                Study.study_instance_uid == key.study_instance_uid
+            )
+        ).first()
+        if known is None:
+            connection.execute(
+                insert(Study).values(
                     study_instance_uid=key.study_instance_uid,
                     patient_id=_str_or_none(dataset.get("PatientID")),
                     accession_number=_str_or_none(dataset.get("AccessionNumber")),
                     study_date=_str_or_none(dataset.get("StudyDate")),
                     study_description=_str_or_none(dataset.get("StudyDescription")),
+                    created_at=utcnow(),
                 )
             )
-            session.flush()
 
-    def _upsert_series(
+    def _insert_series(
         self,
-        session: Session,
+        connection: Connection,
         key: InstanceKey,
         dataset: Dataset,
         calling_ae: str | None,
         now: datetime,
     ) -> None:
-        series = session.get(Series, key.series_instance_uid)
-        if series is None:
-            session.add(
-                Series(
-                    series_instance_uid=key.series_instance_uid,
-                    study_instance_uid=key.study_instance_uid,
-                    modality=_str_or_none(dataset.get("Modality")),
-                    calling_ae=calling_ae,
-                    state=SeriesState.RECEIVING,
-                    first_instance_at=now,
-                    last_instance_at=now,
-                )
+        connection.execute(
+            insert(Series).values(
+                series_instance_uid=key.series_instance_uid,
+                study_instance_uid=key.study_instance_uid,
+                modality=_str_or_none(dataset.get("Modality")),
+                calling_ae=calling_ae,
+                state=SeriesState.RECEIVING,
+                first_instance_at=now,
+                last_instance_at=now,
             )
-            session.flush()
-        else:
-            # a late instance re-opens a completed series: it is analysed again after the quiet
-            # period, and the new result is a new SR
-            series.state = SeriesState.RECEIVING
-            series.last_instance_at = utcnow()
+        )
 
     def _touch_series(self, key: InstanceKey) -> None:
         """A duplicate keeps its series open only while it is still receiving."""

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.backends import FeatureFunction, compile_features
 from inference.card import ModelCard, sha256_file
 from inference.datasets import pad_to
 from inference.mammo import breast_bbox, chest_wall_on_right
 from inference.networks import build_network
 from inference.ood import MahalanobisScorer
 from inference.prediction import Prediction
+from inference.stages import stage
 from inference.transforms import normalize_transform, preprocess_transform
 
 
@@ -65,6 +67,19 @@ class Classifier:
             self._normalize = normalize_transform()
         self.ood_scorer = ood_scorer
         self.ood_threshold = float(card.ood.get("threshold", math.inf))
+        # the trunk's forward pass: eager unless with_backend() chose another (inference.backends)
+        self.backend = "eager"
+        self._features: FeatureFunction = self.network.forward_features
+
+    def with_backend(self, backend: str) -> Classifier:
+        """Run the convolutional trunk through ``backend`` (eager, torchscript, onnx); the head
+        and Grad-CAM stay eager. Returns self."""
+        channels = int(self.card.preprocessing_params["channels"])
+        size = int(self.card.input_size)
+        example = torch.zeros(1, channels, size, size)
+        self._features = compile_features(self.module, backend, example)
+        self.backend = backend
+        return self
 
     @classmethod
     def from_card(cls, card: ModelCard, weights: Path | None = None) -> Classifier:
@@ -150,20 +165,22 @@ class Classifier:
         predictions: list[Prediction] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
-            prepared = [self._preprocess_with_geometry(image) for image in chunk]
-            inputs = torch.stack([tensor for tensor, _ in prepared])
+            with stage("preprocess"):
+                prepared = [self._preprocess_with_geometry(image) for image in chunk]
+                inputs = torch.stack([tensor for tensor, _ in prepared])
             probabilities, embeddings, cams = self._forward(inputs)
             scores = (
                 self.ood_scorer.score(embeddings) if self.ood_scorer is not None
                 else [None] * len(chunk)
             )
             for index, image in enumerate(chunk):
-                predictions.append(
-                    self._prediction(
-                        probabilities[index], embeddings[index], cams[index], image,
-                        prepared[index][1], scores[index],
+                with stage("gradcam"):  # the heatmap upsampled to the image
+                    predictions.append(
+                        self._prediction(
+                            probabilities[index], embeddings[index], cams[index], image,
+                            prepared[index][1], scores[index],
+                        )
                     )
-                )
         return predictions
 
     def _forward(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -176,16 +193,17 @@ class Classifier:
         views = 2 if self.card.hflip_tta else 1
         if views == 2:
             inputs = torch.cat([inputs, torch.flip(inputs, dims=[3])])
-        with torch.no_grad():
-            features = self.network.forward_features(inputs)
-        with torch.enable_grad():
+        with stage("model"), torch.no_grad():
+            features = self._features(inputs)
+        with stage("model"), torch.enable_grad():
             features = features.detach().requires_grad_(True)
             embedding = self.network.embed(features)
             logits = self.network.classify(embedding).view(views, count, -1).mean(dim=0)
             predicted = logits.argmax(dim=1)
             score = logits.gather(1, predicted[:, None]).sum()
+        with stage("gradcam"), torch.enable_grad():
             (gradients,) = torch.autograd.grad(score, features)
-        with torch.no_grad():
+        with stage("gradcam"), torch.no_grad():
             weights = gradients.mean(dim=(2, 3), keepdim=True)
             cams = F.relu((weights * features).sum(dim=1))
             if views == 2:

@@ -134,5 +134,9 @@ def render_overlay(image: np.ndarray, prediction: Prediction) -> npt.NDArray[np.
 def overlay_png(image: np.ndarray, prediction: Prediction) -> bytes:
     """:func:`render_overlay` encoded as PNG bytes."""
     buffer = io.BytesIO()
-    Image.fromarray(render_overlay(image, prediction), "RGB").save(buffer, format="PNG")
+    # compress_level 1: lossless all the same, a few % larger, 5x faster than the default 6
+    # (160 -> 32 ms for 800 x 600 on the 2-core VM; it was the slowest step of a US job)
+    Image.fromarray(render_overlay(image, prediction), "RGB").save(
+        buffer, format="PNG", compress_level=1
+    )
     return buffer.getvalue()

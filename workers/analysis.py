@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from inference import Prediction, image_from_dataset
+from inference.stages import stage
 from reports.sr import FindingGroup
 from reports.triage import suspicion
 
@@ -68,7 +69,8 @@ def decode(ds: Dataset, frame: int = 0) -> np.ndarray:
     """Display pixels of one frame, or PipelineError naming the instance and the decoder's
     reason."""
     try:
-        return image_from_dataset(ds, frame=frame)
+        with stage("decode"):
+            return image_from_dataset(ds, frame=frame)
     except ValueError as exc:
         raise PipelineError(
             f"cannot decode the pixels of instance {ds.SOPInstanceUID}: {exc}"

@@ -53,6 +53,7 @@ from inference import (
     number_of_frames,
 )
 from inference.dicom_pixels import image_laterality
+from inference.stages import recording, stage
 from reports import build_results, overlay_png
 from reports.fhir import diagnostic_report
 from reports.sr import SimilarCase
@@ -103,6 +104,9 @@ class WorkerContext:
             return self._models[modality]
 
     def _load(self, modality: str) -> Classifier:
+        return self._find(modality).with_backend(self.settings.inference_backend)
+
+    def _find(self, modality: str) -> Classifier:
         for directory in self.settings.model_dirs:
             try:
                 return load_bundled(modality, directory)
@@ -133,8 +137,8 @@ def analyse(ctx: WorkerContext, job_id: int) -> str:
             ctx, job_id, JobState.FAILED, f"gave up after {job.attempts - 1} attempts"
         )
     try:
-        with _heartbeat(ctx, job_id):
-            result_id, delivery_ids = _analyse_series(ctx, job)
+        with _heartbeat(ctx, job_id), recording() as timings:
+            result_id, delivery_ids = _analyse_series(ctx, job, timings)
     except AnalysisFailed as exc:
         log.warning("job %d failed: %s", job_id, exc)
         return _finish_job(ctx, job_id, JobState.FAILED, str(exc))
@@ -344,10 +348,15 @@ def _images_only(datasets: list[Dataset], paths: list[str]) -> tuple[list[Datase
     return [ds for ds, _ in kept], [path for _, path in kept]
 
 
-def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
-    # a mammography study job (job_series rows) covers every MG series of its study
-    series_uids, per_study = _job_series(ctx, job)
-    datasets, series, source_paths = _load_datasets(ctx, job, series_uids)
+def _analyse_series(
+    ctx: WorkerContext, job: Job, timings: dict[str, float]
+) -> tuple[int, list[int]]:
+    """``timings``: the seconds of the stages so far (inference.stages), stored with the
+    result (``files["timings"]``) for the turnaround breakdown."""
+    with stage("load"):
+        # a mammography study job (job_series rows) covers every MG series of its study
+        series_uids, per_study = _job_series(ctx, job)
+        datasets, series, source_paths = _load_datasets(ctx, job, series_uids)
     modality = str(datasets[0].get("Modality", "")).strip() or (series.modality or "")
     if modality.upper() not in ctx.settings.analysed_modalities:
         raise AnalysisFailed(
@@ -383,44 +392,47 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
     frame_numbers = [a.frame_number for a in analysis.analyses]
     suspicious = suspicion(series_prediction.probabilities)
     priority = is_priority(suspicious, ctx.settings.priority_threshold)
-    predecessor = _predecessor(
-        ctx,
-        job,
-        per_study,
-        {str(ds.SOPInstanceUID) for ds in datasets},
-        series_prediction,
-    )
-    similar_cases = _similar_cases(ctx, datasets[0], predictions)
-    objects = build_results(
-        datasets,
-        images,
-        predictions,
-        series_prediction=series_prediction,
-        software_version=SOFTWARE_VERSION,
-        priority=priority,
-        predecessor=predecessor[1] if predecessor is not None else None,
-        groups=analysis.groups,
-        frame_numbers=frame_numbers if any(n is not None for n in frame_numbers) else None,
-        similar_cases=similar_cases,
-        with_seg=_wants_seg(ctx, modality),
-    )
-    folder = Path(f"job-{job.id}")
-    out = ctx.settings.results_dir / folder
-    out.mkdir(parents=True, exist_ok=True)
-    sr_name = folder / "sr.dcm"
-    objects.sr.save_as(ctx.settings.results_dir / sr_name, enforce_file_format=True)
-    sc_names: list[str] = []
-    png_names: list[str] = []
-    for index, (sc, image, prediction) in enumerate(
-        zip(objects.heatmaps, images, predictions, strict=True), start=1
-    ):
-        sc_name = folder / f"sc-{index}.dcm"
-        sc.save_as(ctx.settings.results_dir / sc_name, enforce_file_format=True)
-        png_name = folder / f"heatmap-{index}.png"
-        (ctx.settings.results_dir / png_name).write_bytes(overlay_png(image, prediction))
-        sc_names.append(str(sc_name))
-        png_names.append(str(png_name))
-    seg_names = _save_segmentations(ctx, folder, objects.segmentations)
+    with stage("similar"):
+        predecessor = _predecessor(
+            ctx,
+            job,
+            per_study,
+            {str(ds.SOPInstanceUID) for ds in datasets},
+            series_prediction,
+        )
+        similar_cases = _similar_cases(ctx, datasets[0], predictions)
+    with stage("build"):
+        objects = build_results(
+            datasets,
+            images,
+            predictions,
+            series_prediction=series_prediction,
+            software_version=SOFTWARE_VERSION,
+            priority=priority,
+            predecessor=predecessor[1] if predecessor is not None else None,
+            groups=analysis.groups,
+            frame_numbers=frame_numbers if any(n is not None for n in frame_numbers) else None,
+            similar_cases=similar_cases,
+            with_seg=_wants_seg(ctx, modality),
+        )
+    with stage("save"):
+        folder = Path(f"job-{job.id}")
+        out = ctx.settings.results_dir / folder
+        out.mkdir(parents=True, exist_ok=True)
+        sr_name = folder / "sr.dcm"
+        objects.sr.save_as(ctx.settings.results_dir / sr_name, enforce_file_format=True)
+        sc_names: list[str] = []
+        png_names: list[str] = []
+        for index, (sc, image, prediction) in enumerate(
+            zip(objects.heatmaps, images, predictions, strict=True), start=1
+        ):
+            sc_name = folder / f"sc-{index}.dcm"
+            sc.save_as(ctx.settings.results_dir / sc_name, enforce_file_format=True)
+            png_name = folder / f"heatmap-{index}.png"
+            (ctx.settings.results_dir / png_name).write_bytes(overlay_png(image, prediction))
+            sc_names.append(str(sc_name))
+            png_names.append(str(png_name))
+        seg_names = _save_segmentations(ctx, folder, objects.segmentations)
 
     facts = ResultFacts(
         modality=modality,
@@ -470,6 +482,7 @@ def _analyse_series(ctx: WorkerContext, job: Job) -> tuple[int, list[int]]:
                     for a in analysis.analyses
                 ],
                 "groups": analysis.group_details,
+                "timings": {name: round(value, 4) for name, value in timings.items()},
             },
         )
         session.add(result)
