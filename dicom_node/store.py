@@ -162,6 +162,17 @@ class InstanceStore:
                 with contextlib.suppress(FileNotFoundError):
                     final.unlink()
             raise StoreWriteError(f"state DB refused the instance row: {exc}") from exc
+        if duplicate:
+            # the SOP Instance was stored before, maybe under other Study/Series UIDs (another
+            # path): the earlier file stays the instance's, the one just written must not remain
+            with self.db.session() as session:
+                row = session.get(Instance, key.sop_instance_uid)
+                known = row.path if row is not None else None
+            if known is not None and Path(known) != relative:
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+                self._touch_series(key)
+                return StoreOutcome(self.root / known, duplicate=True)
         return StoreOutcome(final, duplicate=duplicate)
 
     def _write_durably(self, final: Path, data: bytes) -> None:
