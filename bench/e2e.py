@@ -38,12 +38,14 @@ from typing import Any
 import httpx
 import numpy as np
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from tqdm import tqdm
 
-US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import US_IMAGE_STORAGE, us_dataset  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -65,33 +67,6 @@ def _images(n: int, size: tuple[int, int]) -> Iterator[np.ndarray]:
                 yield np.asarray(im.convert("L").resize((size[1], size[0])), dtype=np.uint8)
         else:
             yield rng.gamma(2.0, 40.0, size).clip(0, 255).astype(np.uint8)
-
-
-def _dataset(pixels: np.ndarray, index: int) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = US_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = f"BENCH{index:05d}"
-    ds.PatientName = "BENCH^E2E"
-    ds.Modality = "US"
-    ds.StudyDate = ds.SeriesDate = time.strftime("%Y%m%d")
-    ds.AccessionNumber = f"B{index:07d}"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
 
 
 @contextlib.contextmanager
@@ -225,7 +200,8 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
-    datasets = [_dataset(px, i) for i, px in enumerate(_images(args.n, (args.rows, args.columns)))]
+    images = _images(args.n, (args.rows, args.columns))
+    datasets = [us_dataset(px, i) for i, px in enumerate(images)]
     size_mb = sum(len(ds.PixelData) for ds in datasets) / 1e6
     with contextlib.ExitStack() as stack:
         quiet = args.quiet
@@ -240,7 +216,7 @@ def main() -> None:
         latencies = _latencies(api, datasets, sent_at, args.timeout)
         lone: list[float] = []
         extra = [
-            _dataset(px, args.n + i)
+            us_dataset(px, args.n + i)
             for i, px in enumerate(_images(args.sequential, (args.rows, args.columns)))
         ]
         for ds in tqdm(extra, desc="lone series", unit="series"):

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol, Self, cast
 
 import numpy as np
 import torch
@@ -82,8 +82,9 @@ class Classifier:
         return self
 
     @classmethod
-    def from_card(cls, card: ModelCard, weights: Path | None = None) -> Classifier:
-        """Build the card's network and load its weights (``weights_only=True``).
+    def from_card(cls, card: ModelCard, weights: Path | None = None) -> Self:
+        """Build the card's network and load its weights (``weights_only=True``); subclasses
+        (``MammoPatchClassifier``) are built the same way.
 
         Raises ``ValueError`` if the weights file's SHA-256 differs from the card's, or the
         weights do not fit the architecture.

@@ -34,10 +34,9 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
-from inference.card import ModelCard, sha256_file
+from inference.card import ModelCard
 from inference.classifier import Classifier
 from inference.mammo import _otsu, breast_bbox, chest_wall_on_right
-from inference.networks import build_network
 from inference.ood import MahalanobisScorer
 from inference.prediction import Prediction
 
@@ -228,41 +227,6 @@ class MammoPatchClassifier(Classifier):
         self.settings = PatchSettings.from_mapping(card.data.get("patch_model", {}))
         self.ood_scorer = ood_scorer
         self.ood_threshold = float(card.ood.get("threshold", math.inf))
-
-    @classmethod
-    def from_card(cls, card: ModelCard, weights: Path | None = None) -> MammoPatchClassifier:
-        """Build the card's patch network and load its weights (``weights_only=True``); the same
-        checks as ``Classifier.from_card`` (SHA-256 of the weights and the OOD statistics)."""
-        weights_path = weights if weights is not None else card.weights_path
-        if weights_path is None:
-            raise ValueError(f"model card {card.name} names no weights file")
-        if not weights_path.is_file():
-            raise ValueError(f"weights file {weights_path} of model {card.name} is missing")
-        actual = sha256_file(weights_path)
-        if actual != card.sha256:
-            raise ValueError(
-                f"weights {weights_path.name} have sha256 {actual}, but the card of "
-                f"{card.name} {card.version} says {card.sha256}: refusing to load"
-            )
-        network = build_network(card.architecture, card.architecture_params)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"weights {weights_path.name} do not fit {card.architecture}") from exc
-        scorer = None
-        ood_file = card.ood.get("file")
-        ood_path = (weights_path.with_name(str(ood_file)) if ood_file else None)
-        if ood_path is not None:
-            if not ood_path.is_file():
-                raise ValueError(f"OOD statistics {ood_path} of model {card.name} are missing")
-            if sha256_file(ood_path) != str(card.ood.get("sha256", "")).lower():
-                raise ValueError(
-                    f"OOD statistics {ood_path.name} do not match the card of {card.name}: "
-                    "refusing to load"
-                )
-            scorer = MahalanobisScorer.load(ood_path)
-        return cls(card, network, scorer)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """The (N, 1, P, P) patches of the image's breast grid."""

@@ -202,6 +202,19 @@ def predict_logits(
     return logits, targets
 
 
+def training_data_section(
+    recipe: Recipe, samples: Sequence[Sample], **extra: str
+) -> dict[str, Any]:
+    """The card's ``training_data``: the data set, its images, groups and labels."""
+    return {
+        "dataset": recipe.data_description,
+        "images": len(samples),
+        "groups": len({s.group for s in samples}),
+        "images_per_label": dict(sorted(Counter(s.label for s in samples).items())),
+        **extra,
+    }
+
+
 def _split_summary(split: dict[str, list[Sample]]) -> dict[str, Any]:
     return {
         name: {
@@ -618,12 +631,7 @@ def train(
                                test_ood_rate),
             "weights": weights_path.name,
             "weights_format": "torch.save(state_dict), load with weights_only=True",
-            "training_data": {
-                "dataset": recipe.data_description,
-                "images": len(samples),
-                "groups": len({s.group for s in samples}),
-                "images_per_label": dict(sorted(Counter(s.label for s in samples).items())),
-            },
+            "training_data": training_data_section(recipe, samples),
             "split": {"method": recipe.split_method, "seed": seed, **_split_summary(split)},
             "training": {
                 "optimizer": f"AdamW peak lr={lr} weight_decay={weight_decay}",

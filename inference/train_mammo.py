@@ -465,7 +465,6 @@ def train_and_write(
     import datetime as dt
     import json
     import platform
-    from collections import Counter
 
     from monai.utils import set_determinism
 
@@ -482,6 +481,7 @@ def train_and_write(
         plot_confusion,
         plot_roc,
         sha256_of,
+        training_data_section,
     )
 
     if wiener_kernel:
@@ -577,13 +577,9 @@ def train_and_write(
                                test_ood_rate),
             "weights": weights_path.name,
             "weights_format": "torch.save(state_dict), load with weights_only=True",
-            "training_data": {
-                "dataset": recipe.data_description,
-                "images": len(samples),
-                "groups": len({s.group for s in samples}),
-                "images_per_label": dict(sorted(Counter(s.label for s in samples).items())),
-                "lesion_annotations": "x, y (from the bottom), radius of labels.csv",
-            },
+            "training_data": training_data_section(
+                recipe, samples, lesion_annotations="x, y (from the bottom), radius of labels.csv"
+            ),
             "split": {"method": recipe.split_method, "seed": seed, **_split_summary(split)},
             "training": {
                 "optimizer": f"AdamW peak lr={lr} weight_decay={weight_decay}",

@@ -7,19 +7,18 @@ A real SQLite state DB and instance store; the dispatcher's broker messages go t
 from __future__ import annotations
 
 import time
-from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
 from sqlalchemy import select
+from support.dicom_factory import store_dataset, tiny_image
 
 from dicom_node.db import Job, JobSeries, Series, StateDB
 from dicom_node.dispatch import Dispatcher
 from dicom_node.settings import Settings
-from dicom_node.store import InstanceKey, InstanceStore
+from dicom_node.store import InstanceStore
 
 MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 
@@ -34,15 +33,7 @@ class Node:
         self.dispatcher = Dispatcher(self.settings, self.db, self.sent.append, lambda _id: None)
 
     def receive(self, ds: Dataset) -> None:
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        key = InstanceKey(
-            sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-        )
-        self.store.store(key, buffer.getvalue(), ds, "TEST")
+        store_dataset(self.store, ds)
 
     def jobs(self) -> dict[str, Job]:
         with self.db.session() as session:
@@ -63,24 +54,7 @@ class Node:
 
 def _image(study: str, series: str, sop_class: str = MG_PRESENTATION, modality: str = "MG",
            **attributes: object) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.Modality = modality
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.zeros((8, 8), np.uint8).tobytes()
-    return ds
+    return tiny_image(study, series, sop_class, modality, **attributes)
 
 
 @pytest.fixture

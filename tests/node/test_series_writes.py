@@ -12,10 +12,10 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
+from support.dicom_factory import tiny_image
 
 from dicom_node.db import Job, StateDB
 from dicom_node.dispatch import Dispatcher
@@ -40,21 +40,7 @@ class SlowStore(InstanceStore):
 
 
 def _instance(study: str, series: str) -> tuple[InstanceKey, bytes, Dataset]:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = US_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.Modality = "US"
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.zeros((8, 8), np.uint8).tobytes()
+    ds = tiny_image(study, series, US_IMAGE_STORAGE, "US")
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     key = InstanceKey(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,8 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.store import InstanceKey, InstanceStore, StoreOutcome
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 
@@ -151,6 +154,44 @@ def busi_as_ultrasound(
     meta.ImplementationVersionName = "BREASTCAD_TEST"
     ds.file_meta = meta
     return ds
+
+
+def tiny_image(study: str, series: str, sop_class: str, modality: str,
+               **attributes: object) -> Dataset:
+    """An 8 x 8 MONOCHROME2 image of ``sop_class`` (zeros, Explicit VR LE, new SOP UID) in the
+    given study and series, with ``attributes`` set by keyword: for store/dispatch tests that
+    need instances, not pixels."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.Modality = modality
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.zeros((8, 8), np.uint8).tobytes()
+    return ds
+
+
+def store_dataset(store: InstanceStore, ds: Dataset, calling_ae: str = "TEST") -> StoreOutcome:
+    """Store ``ds`` through ``store`` as the listener does: its key and Part 10 bytes."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    key = InstanceKey(
+        sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+    )
+    return store.store(key, buffer.getvalue(), ds, calling_ae)
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:

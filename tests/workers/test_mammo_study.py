@@ -11,7 +11,6 @@ pipeline is checked, never the verdict.
 
 from __future__ import annotations
 
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from support.dcmtk import dciodvfy, require_tool
-from support.dicom_factory import mias_as_mammogram
+from support.dicom_factory import mias_as_mammogram, store_dataset
 from support.untrained_mg import write_untrained_mg_model
 
 from dicom_node.api import create_api
 from dicom_node.db import Job, Result, StateDB
 from dicom_node.dispatch import Dispatcher
 from dicom_node.settings import Settings
-from dicom_node.store import InstanceKey, InstanceStore
+from dicom_node.store import InstanceStore
 from reports import derive_uid
 from reports.uids import source_set
 from workers.tasks import WorkerContext, analyse
@@ -91,15 +90,7 @@ class Node:
         self.ctx = WorkerContext(self.settings, self.db)
 
     def receive(self, ds: Dataset) -> None:
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        key = InstanceKey(
-            sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        )
-        self.store.store(key, buffer.getvalue(), ds, "MODALITY")
+        store_dataset(self.store, ds, "MODALITY")
 
     def run(self) -> list[int]:
         """Complete what is due and analyse its jobs; the new job ids."""
