@@ -34,6 +34,18 @@ class FeatureNetwork(Protocol):
     def classify(self, embedding: torch.Tensor) -> torch.Tensor: ...
 
 
+def frozen_network(network: nn.Module) -> nn.Module:
+    """``network`` in eval mode with its parameters frozen; ValueError unless it has the
+    ``forward_features`` / ``embed`` / ``classify`` split every served network has."""
+    for method in ("forward_features", "embed", "classify"):
+        if not callable(getattr(network, method, None)):
+            raise ValueError(f"network {type(network).__name__} has no {method}()")
+    network.eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return network
+
+
 class Classifier:
     """Classifies uint8 display images with one model.
 
@@ -45,14 +57,8 @@ class Classifier:
     def __init__(
         self, card: ModelCard, network: nn.Module, ood_scorer: MahalanobisScorer | None = None
     ) -> None:
-        for method in ("forward_features", "embed", "classify"):
-            if not callable(getattr(network, method, None)):
-                raise ValueError(f"network {type(network).__name__} has no {method}()")
         self.card = card
-        network.eval()
-        for parameter in network.parameters():
-            parameter.requires_grad_(False)
-        self.module = network
+        self.module = frozen_network(network)
         self.network = cast(FeatureNetwork, network)
         params = card.preprocessing_params
         self._breast_crop = bool(params["breast_crop"])

@@ -35,7 +35,7 @@ from scipy import ndimage
 from torch import nn
 
 from inference.card import ModelCard
-from inference.classifier import Classifier
+from inference.classifier import Classifier, frozen_network
 from inference.mammo import _otsu, breast_bbox, chest_wall_on_right
 from inference.ood import MahalanobisScorer
 from inference.prediction import Prediction
@@ -216,14 +216,8 @@ class MammoPatchClassifier(Classifier):
     def __init__(
         self, card: ModelCard, network: nn.Module, ood_scorer: MahalanobisScorer | None = None
     ) -> None:
-        for method in ("forward_features", "embed", "classify"):
-            if not callable(getattr(network, method, None)):
-                raise ValueError(f"network {type(network).__name__} has no {method}()")
         self.card = card
-        network.eval()
-        for parameter in network.parameters():
-            parameter.requires_grad_(False)
-        self.module = network
+        self.module = frozen_network(network)
         self.settings = PatchSettings.from_mapping(card.data.get("patch_model", {}))
         self.ood_scorer = ood_scorer
         self.ood_threshold = float(card.ood.get("threshold", math.inf))
