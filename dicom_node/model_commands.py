@@ -25,6 +25,13 @@ def train_command(
     max_minutes: Annotated[float | None, typer.Option(help="Wall-time budget.")] = None,
     wiener: Annotated[int, typer.Option(help="Wiener filter kernel (0 = off).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the split and training.")] = 0,
+    size: Annotated[
+        int | None, typer.Option(help="Input size in pixels (default: the recipe's).")
+    ] = None,
+    model_version: Annotated[
+        str, typer.Option(help="Version written to the model card.")
+    ] = "1.0.0",
+    threads: Annotated[int, typer.Option(help="Torch threads for training.")] = 2,
 ) -> None:
     """Train a model from scratch on the CPU (progress bar; early stopping on validation)."""
     from inference.train import summary_line, train
@@ -32,7 +39,7 @@ def train_command(
     try:
         card_path = train(
             modality, data, out, architecture=arch, epochs=epochs, max_minutes=max_minutes,
-            wiener_kernel=wiener, seed=seed,
+            wiener_kernel=wiener, seed=seed, size=size, version=model_version, threads=threads,
         )
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from dicom_node.cli import app
 from inference import Classifier, ModelCard
 from inference.card import sha256_file
 from inference.datasets import BUSI_LABELS
@@ -52,6 +54,28 @@ def test_train_writes_a_loadable_model(tmp_path: Path) -> None:
     prediction = classifier.predict(np.zeros((40, 50), dtype=np.uint8))
     assert prediction.heatmap.shape == (40, 50)
     assert prediction.not_assessable, "a blank frame must not be assessable"
+
+
+def test_train_command_writes_the_version_and_size_asked_for(tmp_path: Path) -> None:
+    """``breastcad train`` end to end on the tiny set: the card carries ``--model-version`` and
+    ``--size``; a missing data folder is exit code 2 with an error, not a traceback."""
+    data = _tiny_busi(tmp_path / "busi")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--modality", "US", "--data", str(data), "--epochs",
+                                 "2", "--size", "32", "--model-version", "2.1.0", "--threads",
+                                 "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    card = json.loads((out / "us_busi.json").read_text())
+    assert card["version"] == "2.1.0"
+    assert card["input_size"] == 32
+    assert card["training"]["torch_threads"] == 1
+    missing = runner.invoke(app, ["train", "--modality", "US", "--data", str(tmp_path / "none"),
+                                  "--epochs", "1", "--out", str(tmp_path / "run2")])
+    assert missing.exit_code == 2
+    assert "error:" in missing.output
+    assert not (tmp_path / "run2" / "us_busi.pt").exists()
 
 
 def test_unknown_modality_is_refused(tmp_path: Path) -> None:
