@@ -30,7 +30,10 @@ from support.shared_data import busi_png_paths
 pytestmark = pytest.mark.e2e
 
 SERIES = 4
-IMAGES = 6
+# Long enough that the worker is still busy with the first series when the other three are
+# queued: with 6 images a quiet machine (CI, session 4) analysed each series faster than the
+# test could see two of them waiting in Redis.
+IMAGES = 80
 
 
 def test_worker_connected_through_redis_restart_completes_every_queued_job(

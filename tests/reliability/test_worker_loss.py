@@ -258,11 +258,12 @@ def test_analysis_longer_than_job_timeout_is_not_run_twice(
     The lease is 4 s here, renewed every 0.5 s: with a 1 s lease this test failed on a loaded
     machine (load 11 on 2 cores, session 3) because the worker's heartbeat thread went 2.9 s
     without running (logged renewals), a stall a 900 s production lease never sees. The series is
-    long enough (120 images) that its analysis outlives the lease on any machine; the test checks
-    that from the worker's own task time."""
+    long enough (300 images) that its analysis outlives the lease; the test checks that from the
+    worker's own task time. (120 images took 3.7 s on a quiet machine in CI, session 4: too
+    short.)"""
     require_tool("storescu")
     timeout_s = 4
-    files = make_series(busi_png_paths(shared_data, "benign")[40:160], tmp_path / "src")
+    files = make_series(busi_png_paths(shared_data, "benign")[:300], tmp_path / "src")
     node = Node(
         tmp_path / "node",
         pacs_port=9,
