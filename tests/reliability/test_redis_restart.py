@@ -29,11 +29,12 @@ from support.shared_data import busi_png_paths
 
 pytestmark = pytest.mark.e2e
 
-SERIES = 4
-# Long enough that the worker is still busy with the first series when the other three are
-# queued: with 6 images a quiet machine (CI, session 4) analysed each series faster than the
-# test could see two of them waiting in Redis.
-IMAGES = 80
+# The first series is long enough (300 images, ~9 s of analysis on a quiet machine) that the
+# worker is still busy with it when the three short ones behind it are queued. With four series
+# of 6 images a quiet machine (CI, session 4) analysed each faster than the test could see two
+# of them waiting in Redis.
+SIZES = (300, 6, 6, 6)
+SERIES = len(SIZES)
 
 
 def test_worker_connected_through_redis_restart_completes_every_queued_job(
@@ -41,10 +42,11 @@ def test_worker_connected_through_redis_restart_completes_every_queued_job(
 ) -> None:
     require_tool("storescu")
     pngs = busi_png_paths(shared_data, "benign")
-    assert len(pngs) >= SERIES * IMAGES
+    assert len(pngs) >= sum(SIZES)
+    starts = [sum(SIZES[:i]) for i in range(SERIES)]
     series = [
-        make_series(pngs[i * IMAGES : (i + 1) * IMAGES], tmp_path / f"src{i}")
-        for i in range(SERIES)
+        make_series(pngs[start : start + size], tmp_path / f"src{i}")
+        for i, (start, size) in enumerate(zip(starts, SIZES, strict=True))
     ]
     node = Node(
         tmp_path / "node",
