@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,12 @@ class PatchSettings:
     platt_b: float = 0.0
     min_tissue: float = 0.5
     views: int = 1
+    # Bilateral comparison (a study with both breasts): a breast's score is its views' mean
+    # top-k score minus ``bilateral_lambda`` times the other breast's, and p(abnormal) =
+    # sigmoid(bilateral_a * difference + bilateral_b). 0 switches it off.
+    bilateral_lambda: float = 0.0
+    bilateral_a: float = 1.0
+    bilateral_b: float = 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PatchSettings:
@@ -190,6 +196,30 @@ def logit(p: float | np.ndarray) -> Any:
     return np.log(clipped / (1 - clipped))
 
 
+def sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value))
+
+
+def split_abnormal(abnormal: float, malignant_share: float) -> npt.NDArray[np.float64]:
+    """(normal, benign, malignant) from p(abnormal) and the malignant share of the lesion mass."""
+    return np.array([1.0 - abnormal, abnormal * (1.0 - malignant_share),
+                     abnormal * malignant_share])
+
+
+def bilateral_differences(scores: Sequence[float] | np.ndarray, women: Sequence[str], lam: float
+                          ) -> npt.NDArray[np.float64]:
+    """Each image's score minus ``lam`` times the mean score of the other images of the same
+    woman (her other breast); NaN for an image with no partner (the single-image rule applies
+    to it, as in ``MammoPatchClassifier.bilateral_finding``)."""
+    values = np.asarray(scores, dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    for index, woman in enumerate(women):
+        others = [j for j, w in enumerate(women) if w == woman and j != index]
+        if others:
+            out[index] = values[index] - lam * float(values[others].mean())
+    return out
+
+
 def image_probabilities(
     patch_probabilities: np.ndarray, settings: PatchSettings
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
@@ -199,11 +229,20 @@ def image_probabilities(
     k = max(1, min(settings.top_k, lesion.size))
     top = np.argsort(-lesion, kind="stable")[:k]
     score = float(lesion[top].mean())
-    abnormal = 1.0 / (1.0 + math.exp(-(settings.platt_a * float(logit(score))
-                                       + settings.platt_b)))
-    share = float(np.mean(patch_probabilities[top, 2] / np.maximum(lesion[top], 1e-9)))
-    probabilities = np.array([1.0 - abnormal, abnormal * (1.0 - share), abnormal * share])
-    return probabilities, top.astype(np.int64)
+    abnormal = sigmoid(settings.platt_a * float(logit(score)) + settings.platt_b)
+    return split_abnormal(abnormal, malignant_share(patch_probabilities, top)), top.astype(
+        np.int64)
+
+
+def malignant_share(patch_probabilities: np.ndarray, top: np.ndarray) -> float:
+    """The mean malignant share of the lesion probability of the ``top`` patches."""
+    lesion = patch_probabilities[top, 1] + patch_probabilities[top, 2]
+    return float(np.mean(patch_probabilities[top, 2] / np.maximum(lesion, 1e-9)))
+
+
+def top_score(patch_probabilities: np.ndarray, top: np.ndarray) -> float:
+    """The image score: the mean lesion probability of the ``top`` patches."""
+    return float((patch_probabilities[top, 1] + patch_probabilities[top, 2]).mean())
 
 
 class MammoPatchClassifier(Classifier):
@@ -272,6 +311,40 @@ class MammoPatchClassifier(Classifier):
             not_assessable=not_assessable,
             extra={"heatmap": "patch lesion probability (benign + malignant) on a "
                               f"{self.settings.stride}-pixel grid of the working image"},
+            raw_score=top_score(patch_probabilities, top),
+        )
+
+    def bilateral_finding(
+        self, finding: Prediction, own: Sequence[Prediction], other: Sequence[Prediction]
+    ) -> Prediction:
+        """A breast's finding compared with the other breast of the same study.
+
+        ``finding`` is the breast's finding from its own views (``own``), ``other`` the other
+        breast's view predictions. Dense tissue tends to look alike on both sides and a lesion
+        does not, so p(abnormal) comes from the difference of the two breasts' mean top-k
+        scores (``PatchSettings.bilateral_*``; cross-validated in ``bench/mg_cv.py``); the
+        benign/malignant split keeps ``finding``'s. ``finding`` is returned unchanged when the
+        card has no bilateral rule or either side has no assessable view with a score."""
+        lam = self.settings.bilateral_lambda
+        own_scores = [p.raw_score for p in own if p.raw_score is not None and not p.not_assessable]
+        other_scores = [p.raw_score for p in other
+                        if p.raw_score is not None and not p.not_assessable]
+        if lam <= 0 or not own_scores or not other_scores:
+            return finding
+        difference = float(np.mean(own_scores)) - lam * float(np.mean(other_scores))
+        abnormal = sigmoid(self.settings.bilateral_a * difference + self.settings.bilateral_b)
+        normal, benign, malignant = self.labels
+        lesion = finding.probabilities[benign] + finding.probabilities[malignant]
+        share = finding.probabilities[malignant] / lesion if lesion > 0 else 0.5
+        values = split_abnormal(abnormal, share)
+        probabilities = {name: float(v) for name, v in zip(self.labels, values, strict=True)}
+        return replace(
+            finding,
+            label=self.labels[int(np.argmax(values))],
+            probabilities=probabilities,
+            extra={**finding.extra, "bilateral": (
+                f"compared with the other breast: score {np.mean(own_scores):.3f} - "
+                f"{lam:g} x {np.mean(other_scores):.3f} = {difference:.3f}")},
         )
 
     def _heatmap(self, view: WorkingView, centres: np.ndarray, lesion: np.ndarray,

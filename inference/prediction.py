@@ -15,6 +15,9 @@ class Prediction:
     ``heatmap`` is a float32 array in [0, 1] with the same height and width as the image that was
     passed to the classifier (Grad-CAM on the last convolutional block, resized back).
     ``embedding`` is the penultimate-layer feature vector (for similar-case retrieval).
+    ``raw_score`` is the uncalibrated image score of models that combine images before
+    calibrating (the mammography patch model's top-k lesion probability, compared across the two
+    breasts of a study); None for the others.
     """
 
     modality: str
@@ -29,6 +32,7 @@ class Prediction:
     ood_score: float | None = None
     not_assessable: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    raw_score: float | None = None
 
     def __post_init__(self) -> None:
         if self.label not in self.labels:

@@ -14,9 +14,10 @@ each epoch then draws fresh patches from them:
 
 Augmentation on whole batches: the eight flips/rotations, gain and gamma of the z-scored pixels.
 Class-weighted cross-entropy (inverse patch frequency); AdamW; EMA of the weights. The epoch is
-chosen on the validation split's image-level AUC (normal vs abnormal, top-k pooling) averaged
-with its patch AUC; then top_k is chosen and Platt scaling fitted on validation, and the test
-split is evaluated once with everything fixed.
+chosen on the validation split's image-level AUC (normal vs abnormal, top-k pooling; with the
+bilateral rule, of the difference from the woman's other breast) averaged with its patch AUC;
+then top_k is chosen and Platt scaling (and the bilateral logistic) fitted on validation, and the
+test split is evaluated once with everything fixed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from inference.datasets import Lesion, Sample, load_image, read_mias_lesions
 from inference.mammo_patches import (
     PatchSettings,
     WorkingView,
+    bilateral_differences,
     cut_patches,
     grid_centres,
     image_embedding,
@@ -45,13 +47,30 @@ from inference.mammo_patches import (
     logit,
     padded,
     patch_forward,
+    sigmoid,
+    split_abnormal,
+    top_score,
     topk_mean,
     working_view,
 )
 from inference.metrics import evaluation_metrics
 from inference.networks import build_network
 
+#: The recipe's patch network (BusiCNN's parameters).
+PATCH_NETWORK_PARAMS: dict[str, Any] = {
+    "in_channels": 1, "num_classes": 3, "widths": [16, 32, 64, 128],
+    "blocks_per_stage": 1, "dropout": 0.3, "stem_pool": True,
+}
+#: The bilateral rule's weight of the other breast: 1, fixed before the cross-validation of
+#: ``bench/mg_cv.py`` measured it (AUC +0.12 over the single-image rule, docs/MODELS.md).
+BILATERAL_LAMBDA = 1.0
 TOP_K_CHOICES: tuple[int, ...] = (1, 2, 3, 5, 8)
+
+
+def recipe_settings(patch: int = 64) -> PatchSettings:
+    """The MG recipe's patch settings: ``patch`` pixels, a quarter-patch stride, bilateral."""
+    return PatchSettings(patch=patch, stride=max(4, patch // 4),
+                         bilateral_lambda=BILATERAL_LAMBDA)
 VIEW_CHOICES: tuple[int, ...] = (1, 4)
 
 
@@ -191,26 +210,55 @@ def patch_auc(network: nn.Module, records: Sequence[ViewRecord], settings: Patch
 
 
 def image_auc(outputs: Sequence[tuple[np.ndarray, np.ndarray]], targets: np.ndarray,
-              top_k: int) -> float:
+              top_k: int, women: Sequence[str] = (), lam: float = 0.0) -> float:
+    """AUC normal vs abnormal of the top-k image scores; with ``lam`` > 0 and ``women`` (one
+    per image), of the bilateral differences where an image has a partner."""
     from sklearn.metrics import roc_auc_score
 
     scores = np.array([topk_mean(p[:, 1] + p[:, 2], top_k) for p, _ in outputs])
+    if lam > 0 and len(women) == len(scores):
+        differences = bilateral_differences(scores, women, lam)
+        scores = np.where(np.isnan(differences), (1.0 - lam) * scores, differences)
     truth = (targets > 0).astype(int)
     if truth.all() or not truth.any():
         return 0.5
     return float(roc_auc_score(truth, scores))
 
 
-def fit_platt(scores: np.ndarray, abnormal: np.ndarray) -> tuple[float, float]:
-    """Platt scaling p = sigmoid(a * logit(score) + b), maximum likelihood (a lightly
-    regularised logistic regression on one feature)."""
+def bilateral_rows(rows: np.ndarray, scores: Sequence[float], women: Sequence[str],
+                   settings: PatchSettings) -> np.ndarray:
+    """(N, 3) image probabilities under the card's bilateral rule: an image with a partner
+    (the other breast of the same woman) gets p(abnormal) from the difference of the two
+    scores, its benign/malignant split kept; the others keep their single-image row."""
+    if settings.bilateral_lambda <= 0:
+        return rows
+    differences = bilateral_differences(scores, women, settings.bilateral_lambda)
+    out = rows.copy()
+    for index, difference in enumerate(differences):
+        if np.isnan(difference):
+            continue
+        lesion = rows[index, 1] + rows[index, 2]
+        share = rows[index, 2] / lesion if lesion > 0 else 0.5
+        out[index] = split_abnormal(
+            sigmoid(settings.bilateral_a * float(difference) + settings.bilateral_b), share)
+    return out
+
+
+def fit_logistic(values: np.ndarray, abnormal: np.ndarray) -> tuple[float, float]:
+    """p = sigmoid(a * value + b), a lightly regularised logistic regression on one feature."""
     from sklearn.linear_model import LogisticRegression
 
     if abnormal.all() or not abnormal.any():
         return 1.0, 0.0
     model = LogisticRegression(C=10.0)
-    model.fit(logit(scores)[:, None], abnormal.astype(int))
+    model.fit(np.asarray(values, dtype=np.float64)[:, None], abnormal.astype(int))
     return float(model.coef_[0, 0]), float(model.intercept_[0])
+
+
+def fit_platt(scores: np.ndarray, abnormal: np.ndarray) -> tuple[float, float]:
+    """Platt scaling p = sigmoid(a * logit(score) + b), maximum likelihood (a lightly
+    regularised logistic regression on one feature)."""
+    return fit_logistic(logit(scores), abnormal)
 
 
 class ExponentialAverage:
@@ -262,9 +310,11 @@ def train_patch_model(
     params: dict[str, Any], settings: PatchSettings, epochs: int, lr: float, weight_decay: float,
     batch_size: int, patience: int, max_minutes: float, seed: int, started: float,
     per_lesion: int = 10, negatives_per_lesion: int = 10, hard_after: int = 4,
-    hard_every: int = 3, hard_images: int = 40,
+    hard_every: int = 3, hard_images: int = 40, select_epoch: bool = True,
 ) -> MammoRun:
-    """Train, select, pool and calibrate; see the module docstring."""
+    """Train, select, pool and calibrate; see the module docstring. With ``select_epoch``
+    False the last epoch's weights are kept (validation still chooses top_k and calibrates):
+    ``bench/mg_cv.py`` measured that 36-42 validation images choose the epoch by noise."""
     loading = tqdm(total=sum(len(v) for v in split.values()), desc="load mini-mias",
                    unit="img", leave=False)
     records = {part: build_records(data_dir, items, labels, settings, loading.update)
@@ -286,6 +336,7 @@ def train_patch_model(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     val_targets = np.array([r.target for r in records["val"]])
+    val_women = [r.sample.group for r in records["val"]]
     normal_train = [i for i, r in enumerate(train_records) if r.target == 0]
     steps_per_epoch = math.ceil((negatives + n_lesions * per_lesion) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -331,7 +382,8 @@ def train_patch_model(
             running += float(loss.detach()) * len(index)
             seen += len(index)
         outputs = image_outputs(ema.module, records["val"], settings)
-        val_image_auc = image_auc(outputs, val_targets, settings.top_k)
+        val_image_auc = image_auc(outputs, val_targets, settings.top_k, val_women,
+                                  settings.bilateral_lambda)
         val_patch = patch_auc(ema.module, records["val"], settings)
         score = 0.5 * (val_image_auc + val_patch)
         history.append({
@@ -339,13 +391,13 @@ def train_patch_model(
             "val_patch_auc": val_patch, "val_score": score, "lr": current,
             "hard_negatives": float(len(hard)), "minutes": (time.monotonic() - started) / 60,
         })
-        if score > best_score:
-            best_score, best_epoch = score, epoch
+        if score > best_score or not select_epoch:
+            best_score, best_epoch = max(score, best_score), epoch
             best_state = copy.deepcopy(ema.module.state_dict())
         progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}",
                              img_auc=f"{val_image_auc:.3f}", patch_auc=f"{val_patch:.3f}",
                              best=best_epoch)
-        if epoch - best_epoch >= patience:
+        if select_epoch and epoch - best_epoch >= patience:
             stop_reason = f"early stop: no better validation score for {patience} epochs"
             break
         if time.monotonic() - started >= deadline or step >= total_steps:
@@ -364,8 +416,8 @@ def train_patch_model(
     for views in VIEW_CHOICES:
         val_by_views[views] = image_outputs(final, records["val"], settings, views)
         for k in TOP_K_CHOICES:
-            top_k_scores[f"views={views} top_k={k}"] = image_auc(val_by_views[views],
-                                                                 val_targets, k)
+            top_k_scores[f"views={views} top_k={k}"] = image_auc(
+                val_by_views[views], val_targets, k, val_women, settings.bilateral_lambda)
     views, top_k = max(
         ((v, k) for v in VIEW_CHOICES for k in TOP_K_CHOICES),
         key=lambda vk: (round(top_k_scores[f"views={vk[0]} top_k={vk[1]}"], 6), -vk[0], -vk[1]),
@@ -375,17 +427,25 @@ def train_patch_model(
     platt_a, platt_b = fit_platt(val_scores, val_targets > 0)
     settings = PatchSettings(**{**settings.as_dict(), "top_k": top_k, "platt_a": platt_a,
                                 "platt_b": platt_b, "views": views})
+    if settings.bilateral_lambda > 0:
+        differences = bilateral_differences(val_scores, val_women, settings.bilateral_lambda)
+        paired = ~np.isnan(differences)
+        bilateral_a, bilateral_b = fit_logistic(differences[paired], val_targets[paired] > 0)
+        settings = PatchSettings(**{**settings.as_dict(), "bilateral_a": bilateral_a,
+                                    "bilateral_b": bilateral_b})
     embeddings: dict[str, np.ndarray] = {}
     probabilities: dict[str, np.ndarray] = {}
     for part in ("train", "val", "test"):
         outputs = (val_outputs if part == "val"
                    else image_outputs(final, records[part], settings, settings.views))
-        rows, vectors = [], []
+        rows, vectors, scores = [], [], []
         for patch_probabilities, patch_embeddings in outputs:
             image_p, top = image_probabilities(patch_probabilities, settings)
             rows.append(image_p)
             vectors.append(image_embedding(patch_embeddings, top))
-        probabilities[part] = np.asarray(rows)
+            scores.append(top_score(patch_probabilities, top))
+        probabilities[part] = bilateral_rows(
+            np.asarray(rows), scores, [r.sample.group for r in records[part]], settings)
         embeddings[part] = np.asarray(vectors)
     return MammoRun(
         network=final, settings=settings, history=history, best_epoch=best_epoch,
@@ -497,11 +557,8 @@ def train_and_write(
         split = split_by_group(samples, seed=seed, labels=labels)
         if limit is not None:
             split = {k: _limit_groups(v, limit) for k, v in split.items()}
-        settings = PatchSettings(patch=size, stride=max(4, size // 4))
-        params: dict[str, Any] = {
-            "in_channels": 1, "num_classes": 3, "widths": [16, 32, 64, 128],
-            "blocks_per_stage": 1, "dropout": 0.3, "stem_pool": True,
-        }
+        settings = recipe_settings(size)
+        params = dict(PATCH_NETWORK_PARAMS)
         run = train_patch_model(
             data_dir, split, labels, architecture=architecture, params=params,
             settings=settings, epochs=epochs, lr=lr, weight_decay=weight_decay,
@@ -560,6 +617,14 @@ def train_and_write(
                 "sigmoid(platt_a * logit(score) + platt_b) (Platt, fitted on validation) -> "
                 "p(malignant) = p(abnormal) * mean malignant share of the top patches, "
                 "p(benign) = the rest of p(abnormal)"
+                + (f". In a study with both breasts (workers.mammo), each breast instead gets "
+                   f"p(abnormal) = sigmoid(bilateral_a * (its score - "
+                   f"{run.settings.bilateral_lambda:g} x the other breast's score) + "
+                   f"bilateral_b) (a={run.settings.bilateral_a:.4f}, "
+                   f"b={run.settings.bilateral_b:.4f}, fitted on the validation pairs); the "
+                   "metrics below use that rule for every image whose partner is in the same "
+                   "split (all of mini-MIAS), as the node would for a two-breast study"
+                   if run.settings.bilateral_lambda > 0 else "")
             ),
             "patch_model": run.settings.as_dict(),
             "pooling_validation_auc": run.top_k_scores,

@@ -16,8 +16,11 @@ Per image:
 The unit is the study: the worker gives all MG images of the study, whatever their series (a
 screening study often comes as four series of one view each). Per breast: the views (CC, MLO,
 ...) of one side are combined by the mean of their class probabilities (each view is another
-look at the same breast); the breast's heatmap is its most suspicious view's. Images with no
-laterality form an "unknown side" group. Per study (the result row, triage, and the SR's study
+look at the same breast); the breast's heatmap is its most suspicious view's. When both breasts
+are in the study and the model has a bilateral rule (``bilateral_finding``: the mammography
+patch model's card sets ``patch_model.bilateral_lambda``), each breast's probabilities come from
+comparing its score with the other breast's instead. Images with no laterality form an
+"unknown side" group, never compared. Per study (the result row, triage, and the SR's study
 group when there are two breast groups): the most suspicious breast, since a screening study is
 as suspicious as its worse breast.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -46,6 +50,15 @@ from workers.analysis import (
 BREAST_TRACKING_IDENTIFIER = {"L": "breastcad left breast", "R": "breastcad right breast",
                               None: "breastcad breast, side unknown"}
 STUDY_TRACKING_IDENTIFIER = "breastcad study finding"
+
+
+@runtime_checkable
+class BilateralPredictor(Protocol):
+    """A classifier that can compare a breast with the other one (``MammoPatchClassifier``)."""
+
+    def bilateral_finding(
+        self, finding: Prediction, own: Sequence[Prediction], other: Sequence[Prediction]
+    ) -> Prediction: ...
 
 
 def _flip(array: np.ndarray, flip_lr: bool, flip_ud: bool) -> np.ndarray:
@@ -102,21 +115,30 @@ def analyse_instance(
 
 
 def breast_groups(
-    analyses: Sequence[ImageAnalysis],
+    analyses: Sequence[ImageAnalysis], classifier: Predictor | None = None,
 ) -> tuple[list[FindingGroup], list[dict[str, object]]]:
-    """One finding group per breast (R, L, then unknown side), with facts for the result row."""
+    """One finding group per breast (R, L, then unknown side), with facts for the result row;
+    with both breasts and a ``BilateralPredictor``, each compared with the other."""
     sides: dict[str | None, list[int]] = {}
     for index, analysis in enumerate(analyses):
         sides.setdefault(image_laterality(analysis.source), []).append(index)
+    findings: dict[str | None, Prediction] = {}
+    for side, members in sides.items():
+        predictions = [analyses[i].prediction for i in members]
+        findings[side] = mean_prediction(predictions, max(predictions, key=suspicion_key))
+    if isinstance(classifier, BilateralPredictor) and "L" in sides and "R" in sides:
+        views = {side: [analyses[i].prediction for i in sides[side]] for side in ("L", "R")}
+        findings["R"], findings["L"] = (
+            classifier.bilateral_finding(findings["R"], views["R"], views["L"]),
+            classifier.bilateral_finding(findings["L"], views["L"], views["R"]),
+        )
     groups: list[FindingGroup] = []
     details: list[dict[str, object]] = []
     for side in ("R", "L", None):
         indices = sides.get(side)
         if not indices:
             continue
-        predictions = [analyses[i].prediction for i in indices]
-        worst = max(predictions, key=suspicion_key)
-        finding = mean_prediction(predictions, worst)
+        finding = findings[side]
         groups.append(FindingGroup(
             prediction=finding,
             source_indices=tuple(indices),
@@ -162,7 +184,7 @@ def analyse_series(
     also gets the study's own group (Finding Site breast, laterality "right and left" when both
     sides were seen) over all the images."""
     analyses = [analyse_instance(ds, classifier, max_side) for ds in datasets]
-    groups, details = breast_groups(analyses)
+    groups, details = breast_groups(analyses, classifier)
     study = max(groups, key=lambda group: suspicion_key(group.prediction)).prediction
     if len(groups) > 1:
         sides = {group.laterality for group in groups}

@@ -16,6 +16,7 @@ from inference.datasets import MIAS_LABELS, read_mias_lesions
 from inference.mammo_patches import (
     MammoPatchClassifier,
     PatchSettings,
+    bilateral_differences,
     classifier_from_card,
     grid_centres,
     image_probabilities,
@@ -117,11 +118,24 @@ def test_pooling_is_monotone_in_the_lesion_score() -> None:
     assert p_susp[2] > p_susp[1], "the top patches say malignant"
 
 
+def test_bilateral_differences_pair_the_breasts_of_each_woman() -> None:
+    scores = [0.9, 0.3, 0.5, 0.5, 0.7]
+    women = ["a", "a", "b", "b", "c"]
+    out = bilateral_differences(scores, women, 1.0)
+    assert out[:4] == pytest.approx([0.6, -0.6, 0.0, 0.0])
+    assert np.isnan(out[4]), "no partner: the single-image rule applies"
+    assert bilateral_differences(scores, women, 0.5)[0] == pytest.approx(0.9 - 0.15)
+
+
 def test_training_writes_a_patch_card(tiny_model: Path) -> None:
     card = json.loads(tiny_model.read_text())
     assert card["labels"] == list(MIAS_LABELS)
     assert card["postprocessing_kind"] == "mammo_patch_topk"
     assert card["patch_model"]["top_k"] >= 1
+    # the recipe's bilateral rule, its logistic fitted on the validation pairs: a breast that
+    # scores above its partner is more likely abnormal
+    assert card["patch_model"]["bilateral_lambda"] == 1.0
+    assert card["patch_model"]["bilateral_a"] > 0
     for name in ("mg_mias.pt", "mg_mias_ood.npz", "mg_mias_curves.png", "mg_mias_roc.png",
                  "mg_mias_confusion.png", "mg_mias_history.json"):
         assert (tiny_model.parent / name).is_file(), name
