@@ -54,6 +54,11 @@ def evaluate_command(
         Path | None, typer.Option(help="Model card JSON or run folder (default: bundled).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="MG: CSV with path, patient_id, side (mini-MIAS labels.csv has them); "
+                     "each breast is then scored against the woman's other breast."),
+    ] = None,
 ) -> None:
     """Evaluate a model on a folder of labelled images (PNG, JPEG, TIFF or DICOM)."""
     from tqdm import tqdm
@@ -63,7 +68,7 @@ def evaluate_command(
 
     bar = tqdm(desc="evaluate", unit="img", disable=json_out)
     try:
-        result = evaluate_folder(modality, data, model, progress=bar.update)
+        result = evaluate_folder(modality, data, model, progress=bar.update, pairs=pairs)
     except (EvaluationError, ModelNotAvailableError, ValueError) as exc:
         bar.close()
         typer.echo(f"error: {exc}", err=True)

@@ -7,6 +7,7 @@ JPEG, TIFF or DICOM files inside. Without a model path the bundled model of the 
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,9 @@ from inference.bundled import load_bundled
 from inference.card import ModelCard
 from inference.classifier import Classifier
 from inference.dicom_pixels import image_from_file
-from inference.mammo_patches import classifier_from_card
+from inference.mammo_patches import BilateralPredictor, classifier_from_card
 from inference.metrics import evaluation_metrics
+from inference.prediction import Prediction
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 
@@ -73,19 +75,64 @@ def labelled_files(data_dir: Path, labels: tuple[str, ...]) -> list[tuple[Path, 
     return files
 
 
+def read_pairs(pairs: Path) -> dict[str, tuple[str, str]]:
+    """``path -> (woman, side)`` from a CSV with the columns ``path`` (relative to the evaluated
+    folder), ``patient_id`` and ``side`` (``L`` or ``R``), as mini-MIAS's ``labels.csv`` has."""
+    try:
+        with pairs.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise EvaluationError(f"cannot read pairs file {pairs}: {exc}") from exc
+    missing = {"path", "patient_id", "side"} - set(rows[0] if rows else {})
+    if missing:
+        raise EvaluationError(f"pairs file {pairs} lacks the column(s) {', '.join(sorted(missing))}"
+                              " (needs path, patient_id, side)")
+    return {row["path"]: (row["patient_id"], row["side"].strip().upper()) for row in rows}
+
+
+def compare_breasts(
+    classifier: Classifier, predictions: list[Prediction], relative_paths: list[str],
+    pairs: dict[str, tuple[str, str]],
+) -> tuple[list[Prediction], int]:
+    """Each image with a partner (same ``patient_id``, the other ``side``) compared with it by
+    the model's bilateral rule, as the node compares a study's two breasts; the count compared."""
+    if not isinstance(classifier, BilateralPredictor) or not getattr(
+            getattr(classifier, "settings", None), "bilateral_lambda", 0.0):
+        raise EvaluationError(f"model {classifier.card.name} has no bilateral rule "
+                              "(patch_model.bilateral_lambda): --pairs does not apply")
+    keys = [pairs.get(path) for path in relative_paths]
+    out, compared = list(predictions), 0
+    for index, key in enumerate(keys):
+        if key is None or key[1] not in ("L", "R"):
+            continue
+        other = [predictions[j] for j, k in enumerate(keys)
+                 if k is not None and k[0] == key[0] and k[1] in ("L", "R") and k[1] != key[1]]
+        if other:
+            out[index] = classifier.bilateral_finding(predictions[index], [predictions[index]],
+                                                      other)
+            compared += int(out[index] is not predictions[index])  # not when nothing assessable
+    return out, compared
+
+
 def evaluate_folder(
     modality: str,
     data_dir: Path,
     model: Path | None = None,
     batch_size: int = 64,
     progress: Callable[[int], object] | None = None,
+    pairs: Path | None = None,
 ) -> dict[str, Any]:
     """Classify every image of ``data_dir`` and return the metrics (``evaluation_metrics``)
-    plus the model's name/version/sha256, the number flagged not assessable and images/s."""
+    plus the model's name/version/sha256, the number flagged not assessable and images/s.
+
+    ``pairs`` (MG): a CSV naming each image's woman and side; images with a partner are then
+    scored by the model's bilateral rule (``compare_breasts``), and ``bilateral_compared`` says
+    how many were."""
     classifier = load_model(modality, model)
     labels = classifier.labels
     files = labelled_files(data_dir, labels)
-    probabilities: list[list[float]] = []
+    pairing = read_pairs(pairs) if pairs is not None else None
+    predictions: list[Prediction] = []
     not_assessable = 0
     started = time.perf_counter()
     for start in range(0, len(files), batch_size):
@@ -97,10 +144,15 @@ def evaluate_folder(
             except ValueError as exc:
                 raise EvaluationError(f"cannot read {path}: {exc}") from exc
         for prediction in classifier.predict_batch(images, batch_size=batch_size):
-            probabilities.append([prediction.probabilities[label] for label in labels])
+            predictions.append(prediction)
             not_assessable += int(prediction.not_assessable)
         if progress is not None:
             progress(len(chunk))
+    compared = None
+    if pairing is not None:
+        relative = [path.relative_to(data_dir).as_posix() for path, _ in files]
+        predictions, compared = compare_breasts(classifier, predictions, relative, pairing)
+    probabilities = [[p.probabilities[label] for label in labels] for p in predictions]
     seconds = time.perf_counter() - started
     targets = np.array([labels.index(label) for _, label in files])
     result = evaluation_metrics(np.asarray(probabilities), targets, labels)
@@ -110,5 +162,7 @@ def evaluate_folder(
         "sha256": classifier.card.sha256,
     }
     result["not_assessable"] = not_assessable
+    if compared is not None:
+        result["bilateral_compared"] = compared
     result["images_per_second"] = len(files) / seconds if seconds > 0 else None
     return result

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,15 @@ from inference.prediction import Prediction
 
 #: The card's ``postprocessing`` kind that selects this classifier.
 PATCH_POOLING = "mammo_patch_topk"
+
+
+@runtime_checkable
+class BilateralPredictor(Protocol):
+    """A classifier that can compare a breast with the other one (``MammoPatchClassifier``)."""
+
+    def bilateral_finding(
+        self, finding: Prediction, own: Sequence[Prediction], other: Sequence[Prediction]
+    ) -> Prediction: ...
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -37,6 +36,7 @@ from pydicom.dataset import Dataset
 
 from inference import Prediction
 from inference.dicom_pixels import image_laterality, mammo_flips, view_position
+from inference.mammo_patches import BilateralPredictor
 from reports.sr import FindingGroup
 from workers.analysis import (
     ImageAnalysis,
@@ -51,14 +51,6 @@ BREAST_TRACKING_IDENTIFIER = {"L": "breastcad left breast", "R": "breastcad righ
                               None: "breastcad breast, side unknown"}
 STUDY_TRACKING_IDENTIFIER = "breastcad study finding"
 
-
-@runtime_checkable
-class BilateralPredictor(Protocol):
-    """A classifier that can compare a breast with the other one (``MammoPatchClassifier``)."""
-
-    def bilateral_finding(
-        self, finding: Prediction, own: Sequence[Prediction], other: Sequence[Prediction]
-    ) -> Prediction: ...
 
 
 def _flip(array: np.ndarray, flip_lr: bool, flip_ud: bool) -> np.ndarray:

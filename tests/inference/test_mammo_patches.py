@@ -182,3 +182,50 @@ def test_evaluate_and_load_bundled_take_the_patch_card(tiny_model: Path, tiny_mi
         shutil.copy(tiny_model.parent / name, shipped / name)
     classifier = load_bundled("MG", directory=shipped)
     assert isinstance(classifier, MammoPatchClassifier)
+
+
+def test_evaluate_scores_each_breast_against_the_other_with_pairs(
+    tiny_model: Path, tiny_mias: Path, tmp_path: Path
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from inference.dicom_pixels import image_from_file
+    from inference.evaluate import EvaluationError, evaluate_folder
+
+    result = evaluate_folder("MG", tiny_mias, model=tiny_model.parent,
+                             pairs=tiny_mias / "labels.csv")
+    # every image has its partner in the folder; a pair with a not-assessable image is not
+    # compared
+    assert 0 < result["bilateral_compared"] <= 36
+    # the same rule computed by hand from the classifier's single-image scores
+    classifier = classifier_from_card(ModelCard.from_file(tiny_model))
+    settings = classifier.settings  # type: ignore[attr-defined]
+    rows = [line.split(",") for line in (tiny_mias / "labels.csv").read_text().splitlines()[1:]]
+    single_image = {r[0]: classifier.predict(image_from_file(tiny_mias / r[0])) for r in rows}
+    woman = {r[0]: r[2] for r in rows}
+    abnormal, truth = [], []
+    for path, own in sorted(single_image.items()):
+        [partner] = [single_image[q] for q in single_image if woman[q] == woman[path] and q != path]
+        if own.not_assessable or partner.not_assessable:  # nothing to compare: single-image rule
+            abnormal.append(1 - own.probabilities["normal"])
+        else:
+            assert own.raw_score is not None and partner.raw_score is not None
+            difference = own.raw_score - settings.bilateral_lambda * partner.raw_score
+            abnormal.append(1 / (1 + np.exp(-(settings.bilateral_a * difference
+                                              + settings.bilateral_b))))
+        truth.append(not path.startswith("normal/"))
+    assert result["bilateral_compared"] == sum(
+        not (single_image[p].not_assessable or any(
+            single_image[q].not_assessable for q in single_image
+            if woman[q] == woman[p] and q != p)) for p in single_image)
+    assert result["auc_abnormal"] == pytest.approx(roc_auc_score(truth, abnormal), abs=1e-9)
+    single = evaluate_folder("MG", tiny_mias, model=tiny_model.parent)
+    assert "bilateral_compared" not in single
+    # a pairs file without the columns, and a model without the rule, are clear errors
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("path,side\nbenign/mdb001.png,R\n")
+    with pytest.raises(EvaluationError, match="patient_id"):
+        evaluate_folder("MG", tiny_mias, model=tiny_model.parent, pairs=bad)
+    candidate = Path(__file__).resolve().parents[2] / "inference" / "candidates"
+    with pytest.raises(EvaluationError, match="no bilateral rule"):
+        evaluate_folder("MG", tiny_mias, model=candidate, pairs=tiny_mias / "labels.csv")
