@@ -37,6 +37,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,21 +139,33 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
         )
         records = build_records(data_dir, held, MIAS_LABELS, settings)
         outputs = image_outputs(run.network, records, settings)
-        arrays: dict[str, Any] = {
-            "paths": np.array([r.sample.path for r in records]),
-            "patients": np.array([r.sample.group for r in records]),
-            "sides": np.array([sides[r.sample.path] for r in records]),
-            "targets": np.array([r.target for r in records]),
-            "best_epoch": np.array(run.best_epoch),
-            "seconds": np.array(time.monotonic() - started),
-        }
-        for index, (record, (probabilities, _)) in enumerate(zip(records, outputs, strict=True)):
-            arrays[f"p{index}"] = probabilities.astype(np.float32)
-            arrays[f"c{index}"] = record.grid
-            arrays[f"s{index}"] = np.array(record.view.tissue.shape)
-        np.savez_compressed(target, **arrays)
+        images = [
+            {"path": r.sample.path, "patient": r.sample.group, "side": sides[r.sample.path],
+             "target": r.target, "p": probabilities, "centres": r.grid,
+             "shape": r.view.tissue.shape}
+            for r, (probabilities, _) in zip(records, outputs, strict=True)
+        ]
+        write_fold(target, images, best_epoch=run.best_epoch,
+                   seconds=time.monotonic() - started)
         print(f"fold {fold}: best epoch {run.best_epoch}, {time.monotonic() - started:.0f} s, "
               f"inner val score {max(h['val_score'] for h in run.history):.3f}", flush=True)
+
+
+def write_fold(target: Path, images: list[dict[str, Any]], **facts: float) -> None:
+    """One fold's held-out images (path, patient, side, target, (N, 3) patch probabilities
+    ``p``, (N, 2) grid ``centres``, working ``shape``) as the npz ``load_images`` reads."""
+    arrays: dict[str, Any] = {
+        "paths": np.array([im["path"] for im in images]),
+        "patients": np.array([im["patient"] for im in images]),
+        "sides": np.array([im["side"] for im in images]),
+        "targets": np.array([im["target"] for im in images]),
+        **{name: np.array(value) for name, value in facts.items()},
+    }
+    for index, image in enumerate(images):
+        arrays[f"p{index}"] = np.asarray(image["p"], dtype=np.float32)
+        arrays[f"c{index}"] = np.asarray(image["centres"])
+        arrays[f"s{index}"] = np.array(image["shape"])
+    np.savez_compressed(target, **arrays)
 
 
 def load_images(out: Path) -> list[dict[str, Any]]:
@@ -195,50 +208,46 @@ def scores(images: list[dict[str, Any]], k: int, lam: float, no_pectoral: float)
     return np.where(np.isnan(differences), (1.0 - lam) * own, differences)
 
 
-def auc_with_interval(images: list[dict[str, Any]], values: np.ndarray, rounds: int = 2000
-                      ) -> tuple[float, float, float]:
-    from sklearn.metrics import roc_auc_score
-
-    truth = np.array([im["target"] > 0 for im in images], dtype=int)
-    point = float(roc_auc_score(truth, values))
-    patients = sorted({im["patient"] for im in images})
-    members: dict[str, list[int]] = defaultdict(list)
-    for index, image in enumerate(images):
-        members[image["patient"]].append(index)
-    rng = np.random.default_rng(1)
-    draws = []
-    for _ in range(rounds):
-        chosen = rng.choice(len(patients), size=len(patients), replace=True)
-        index = np.array([i for c in chosen for i in members[patients[c]]])
-        if truth[index].all() or not truth[index].any():
-            continue
-        draws.append(roc_auc_score(truth[index], values[index]))
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return point, float(low), float(high)
-
-
-def paired_difference(images: list[dict[str, Any]], a: np.ndarray, b: np.ndarray,
-                      rounds: int = 2000) -> tuple[float, float, float]:
-    """AUC(b) - AUC(a), with a patient-bootstrap 95 % interval."""
-    from sklearn.metrics import roc_auc_score
-
+def bootstrap_by_woman(images: list[dict[str, Any]],
+                       statistic: Callable[[np.ndarray, np.ndarray], float], seed: int,
+                       rounds: int = 2000) -> tuple[float, float, float]:
+    """``statistic(truth, index)`` on all images, and its 95 % interval from ``rounds``
+    resamplings of the women (both of a woman's images go together)."""
     truth = np.array([im["target"] > 0 for im in images], dtype=int)
     members: dict[str, list[int]] = defaultdict(list)
     for index, image in enumerate(images):
         members[image["patient"]].append(index)
     patients = sorted(members)
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     draws = []
     for _ in range(rounds):
         chosen = rng.choice(len(patients), size=len(patients), replace=True)
         index = np.array([i for c in chosen for i in members[patients[c]]])
         if truth[index].all() or not truth[index].any():
             continue
-        draws.append(roc_auc_score(truth[index], b[index]) - roc_auc_score(truth[index],
-                                                                          a[index]))
-    point = float(roc_auc_score(truth, b) - roc_auc_score(truth, a))
+        draws.append(statistic(truth, index))
     low, high = np.percentile(draws, [2.5, 97.5])
-    return point, float(low), float(high)
+    return statistic(truth, np.arange(len(images))), float(low), float(high)
+
+
+def auc_with_interval(images: list[dict[str, Any]], values: np.ndarray, rounds: int = 2000
+                      ) -> tuple[float, float, float]:
+    from sklearn.metrics import roc_auc_score
+
+    return bootstrap_by_woman(
+        images, lambda truth, index: float(roc_auc_score(truth[index], values[index])), seed=1,
+        rounds=rounds)
+
+
+def paired_difference(images: list[dict[str, Any]], a: np.ndarray, b: np.ndarray,
+                      rounds: int = 2000) -> tuple[float, float, float]:
+    """AUC(b) - AUC(a), with a bootstrap 95 % interval over women."""
+    from sklearn.metrics import roc_auc_score
+
+    return bootstrap_by_woman(
+        images, lambda truth, index: float(roc_auc_score(truth[index], b[index])
+                                           - roc_auc_score(truth[index], a[index])), seed=2,
+        rounds=rounds)
 
 
 def load_ensemble(outs: list[Path]) -> list[dict[str, Any]]:
@@ -257,7 +266,8 @@ def load_ensemble(outs: list[Path]) -> list[dict[str, Any]]:
     return images
 
 
-def pool(data_dir: Path, out: Path, ensemble: list[Path] | None = None) -> dict[str, Any]:
+def pool(data_dir: Path, out: Path, ensemble: list[Path] | None = None, rounds: int = 2000
+         ) -> dict[str, Any]:
     images = load_ensemble([out, *ensemble]) if ensemble else load_images(out)
     if not images:
         raise SystemExit(f"no fold*.npz in {out}: run `python bench/mg_cv.py train` first")
@@ -271,7 +281,7 @@ def pool(data_dir: Path, out: Path, ensemble: list[Path] | None = None) -> dict[
                            ("bilateral", 0.5, 0.0), ("no-pectoral", 0.0, 0.5),
                            ("bilateral + no-pectoral", 1.0, 0.5)):
         for k in (1, 3, 5, 8):
-            auc, low, high = auc_with_interval(images, scores(images, k, lam, cut))
+            auc, low, high = auc_with_interval(images, scores(images, k, lam, cut), rounds)
             rows.append({"pooling": name, "k": k, "lambda": lam, "pectoral_cut": cut,
                          "auc": auc, "low": low, "high": high})
             print(f"| {name} | {k} | {lam:g} | {cut:g} | {auc:.3f} | {low:.3f}-{high:.3f} |")
@@ -294,7 +304,7 @@ def pool(data_dir: Path, out: Path, ensemble: list[Path] | None = None) -> dict[
         print(f"  {kind}: {len(members)} images, AUC {by_kind[kind]['top3']:.3f} | "
               f"{by_kind[kind]['bilateral_top3']:.3f}")
     primary = paired_difference(images, scores(images, 3, 0.0, 0.0),
-                                scores(images, 3, 1.0, 0.0))
+                                scores(images, 3, 1.0, 0.0), rounds)
     print(f"\nprimary: bilateral top-3 (lambda 1) minus top-3: AUC difference {primary[0]:+.3f} "
           f"(95 % interval {primary[1]:+.3f} to {primary[2]:+.3f})")
     result = {"images": len(images), "normal": normal, "rows": rows,
