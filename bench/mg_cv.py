@@ -96,7 +96,7 @@ def image_abnormalities(data_dir: Path) -> dict[str, str]:
 
 def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threads: int,
                 epochs: int, last_epoch: bool, bilateral_selection: bool, seed: int,
-                working_height: int) -> None:
+                working_height: int | None) -> None:
     import torch
     from monai.utils import set_determinism
 
@@ -114,7 +114,8 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
     samples = development_samples(data_dir)
     sides = image_sides(data_dir)
     parts = folds_of(samples, folds, SEED)
-    settings = PatchSettings(**{**recipe_settings().as_dict(), "working_height": working_height})
+    settings = (recipe_settings() if working_height is None
+                else recipe_settings(working_height=working_height))
     if not bilateral_selection:
         settings = PatchSettings(**{**settings.as_dict(), "bilateral_lambda": 0.0})
     params = dict(PATCH_NETWORK_PARAMS)
@@ -328,8 +329,9 @@ def main() -> int:
                         help="training budget per fold")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--working-height", type=int, default=256,
-                        help="rows of the working image (256: 800 micron pixels on mini-MIAS)")
+    parser.add_argument("--working-height", type=int, default=None,
+                        help="rows of the working image (default: the recipe's; 256 gives "
+                             "800 micron pixels on mini-MIAS, 512 400 micron)")
     parser.add_argument("--seed", type=int, default=SEED,
                         help="training seed of fold 0 (fold k: seed + k); the folds stay fixed")
     parser.add_argument("--single-image-selection", action="store_true",

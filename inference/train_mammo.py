@@ -64,13 +64,17 @@ PATCH_NETWORK_PARAMS: dict[str, Any] = {
 #: The bilateral rule's weight of the other breast: 1, fixed before the cross-validation of
 #: ``bench/mg_cv.py`` measured it (AUC +0.12 over the single-image rule, docs/MODELS.md).
 BILATERAL_LAMBDA = 1.0
+#: Rows of the working image: 512 (mini-MIAS: 400 micron pixels). bench/mg_cv.py measured 256
+#: (800 micron) at out-of-fold AUC 0.55-0.61 in four runs and 512 at 0.57-0.67 in two (the means
+#: of their runs' patch maps: 0.554 and 0.632; bilateral 0.609 and 0.682), docs/MODELS.md.
+WORKING_HEIGHT = 512
 TOP_K_CHOICES: tuple[int, ...] = (1, 2, 3, 5, 8)
 
 
-def recipe_settings(patch: int = 64) -> PatchSettings:
+def recipe_settings(patch: int = 64, working_height: int = WORKING_HEIGHT) -> PatchSettings:
     """The MG recipe's patch settings: ``patch`` pixels, a quarter-patch stride, bilateral."""
-    return PatchSettings(patch=patch, stride=max(4, patch // 4),
-                         bilateral_lambda=BILATERAL_LAMBDA)
+    return PatchSettings(working_height=working_height, patch=patch,
+                         stride=max(4, patch // 4), bilateral_lambda=BILATERAL_LAMBDA)
 VIEW_CHOICES: tuple[int, ...] = (1, 4)
 
 
@@ -604,7 +608,8 @@ def train_and_write(
                 "display pixels (uint8 grey or RGB) -> luma (BT.601) -> chest wall turned to "
                 "the left (by content) -> crop to the breast (inference.mammo.breast_bbox) -> "
                 f"scale so the whole image would be {settings.working_height} rows (box "
-                "filter; mini-MIAS 1024 px at 200 micron -> 800 micron pixels) -> z-score over "
+                "filter; mini-MIAS 1024 px at 200 micron -> "
+                f"{200 * 1024 // settings.working_height} micron pixels) -> z-score over "
                 f"the breast-tissue mask -> {size}x{size} patches on a {settings.stride}-pixel "
                 "grid of centres on tissue (padded by half a patch with the background level)"
             ),
