@@ -52,7 +52,6 @@ BREAST_TRACKING_IDENTIFIER = {"L": "breastcad left breast", "R": "breastcad righ
 STUDY_TRACKING_IDENTIFIER = "breastcad study finding"
 
 
-
 def _flip(array: np.ndarray, flip_lr: bool, flip_ud: bool) -> np.ndarray:
     if flip_lr:
         array = array[:, ::-1]
