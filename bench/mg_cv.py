@@ -200,13 +200,10 @@ def topk(values: np.ndarray, k: int) -> float:
 
 
 def scores(images: list[dict[str, Any]], k: int, lam: float, no_pectoral: float) -> np.ndarray:
-    from inference.mammo_patches import bilateral_differences
+    from inference.train_mammo import ranking_scores
 
     own = np.array([topk(lesion(im, no_pectoral), k) for im in images])
-    if lam == 0:
-        return own
-    differences = bilateral_differences(own, [im["patient"] for im in images], lam)
-    return np.where(np.isnan(differences), (1.0 - lam) * own, differences)
+    return ranking_scores(own, [im["patient"] for im in images], lam)
 
 
 def bootstrap_by_woman(images: list[dict[str, Any]],

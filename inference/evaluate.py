@@ -19,7 +19,7 @@ from inference.bundled import load_bundled
 from inference.card import ModelCard
 from inference.classifier import Classifier
 from inference.dicom_pixels import image_from_file
-from inference.mammo_patches import BilateralPredictor, classifier_from_card
+from inference.mammo_patches import MammoPatchClassifier, classifier_from_card
 from inference.metrics import evaluation_metrics
 from inference.prediction import Prediction
 
@@ -96,18 +96,21 @@ def compare_breasts(
 ) -> tuple[list[Prediction], int]:
     """Each image with a partner (same ``patient_id``, the other ``side``) compared with it by
     the model's bilateral rule, as the node compares a study's two breasts; the count compared."""
-    if not isinstance(classifier, BilateralPredictor) or not getattr(
-            getattr(classifier, "settings", None), "bilateral_lambda", 0.0):
+    if not (isinstance(classifier, MammoPatchClassifier)
+            and classifier.settings.bilateral_lambda > 0):
         raise EvaluationError(f"model {classifier.card.name} has no bilateral rule "
                               "(patch_model.bilateral_lambda): --pairs does not apply")
-    keys = [pairs.get(path) for path in relative_paths]
+    by_breast: dict[tuple[str, str], list[int]] = {}
+    for index, path in enumerate(relative_paths):
+        key = pairs.get(path)
+        if key is not None and key[1] in ("L", "R"):
+            by_breast.setdefault(key, []).append(index)
     out, compared = list(predictions), 0
-    for index, key in enumerate(keys):
-        if key is None or key[1] not in ("L", "R"):
+    for (woman, side), members in by_breast.items():
+        other = [predictions[j] for j in by_breast.get((woman, "L" if side == "R" else "R"), [])]
+        if not other:
             continue
-        other = [predictions[j] for j, k in enumerate(keys)
-                 if k is not None and k[0] == key[0] and k[1] in ("L", "R") and k[1] != key[1]]
-        if other:
+        for index in members:
             out[index] = classifier.bilateral_finding(predictions[index], [predictions[index]],
                                                       other)
             compared += int(out[index] is not predictions[index])  # not when nothing assessable

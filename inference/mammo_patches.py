@@ -222,11 +222,25 @@ def bilateral_differences(scores: Sequence[float] | np.ndarray, women: Sequence[
     to it, as in ``MammoPatchClassifier.bilateral_finding``)."""
     values = np.asarray(scores, dtype=np.float64)
     out = np.full(values.shape, np.nan)
+    by_woman: dict[str, list[int]] = {}
     for index, woman in enumerate(women):
-        others = [j for j, w in enumerate(women) if w == woman and j != index]
-        if others:
-            out[index] = values[index] - lam * float(values[others].mean())
+        by_woman.setdefault(woman, []).append(index)
+    for members in by_woman.values():
+        for index in members:
+            others = [j for j in members if j != index]
+            if others:
+                out[index] = values[index] - lam * float(values[others].mean())
     return out
+
+
+def bilateral_row(row: np.ndarray, difference: float, settings: PatchSettings
+                  ) -> npt.NDArray[np.float64]:
+    """(normal, benign, malignant) of a breast under the bilateral rule: p(abnormal) from the
+    ``difference`` of its score and the other breast's, the benign/malignant split of ``row``
+    (its single-image probabilities) kept."""
+    lesion = float(row[1] + row[2])
+    share = float(row[2]) / lesion if lesion > 0 else 0.5
+    return split_abnormal(sigmoid(settings.bilateral_a * difference + settings.bilateral_b), share)
 
 
 def image_probabilities(
@@ -341,11 +355,8 @@ class MammoPatchClassifier(Classifier):
         if lam <= 0 or not own_scores or not other_scores:
             return finding
         difference = float(np.mean(own_scores)) - lam * float(np.mean(other_scores))
-        abnormal = sigmoid(self.settings.bilateral_a * difference + self.settings.bilateral_b)
-        normal, benign, malignant = self.labels
-        lesion = finding.probabilities[benign] + finding.probabilities[malignant]
-        share = finding.probabilities[malignant] / lesion if lesion > 0 else 0.5
-        values = split_abnormal(abnormal, share)
+        values = bilateral_row(np.array([finding.probabilities[name] for name in self.labels]),
+                               difference, self.settings)
         probabilities = {name: float(v) for name, v in zip(self.labels, values, strict=True)}
         return replace(
             finding,

@@ -40,6 +40,7 @@ from inference.mammo_patches import (
     PatchSettings,
     WorkingView,
     bilateral_differences,
+    bilateral_row,
     cut_patches,
     grid_centres,
     image_embedding,
@@ -47,8 +48,6 @@ from inference.mammo_patches import (
     logit,
     padded,
     patch_forward,
-    sigmoid,
-    split_abnormal,
     top_score,
     topk_mean,
     working_view,
@@ -69,13 +68,13 @@ BILATERAL_LAMBDA = 1.0
 #: of their runs' patch maps: 0.554 and 0.632; bilateral 0.609 and 0.682), docs/MODELS.md.
 WORKING_HEIGHT = 512
 TOP_K_CHOICES: tuple[int, ...] = (1, 2, 3, 5, 8)
+VIEW_CHOICES: tuple[int, ...] = (1, 4)
 
 
 def recipe_settings(patch: int = 64, working_height: int = WORKING_HEIGHT) -> PatchSettings:
     """The MG recipe's patch settings: ``patch`` pixels, a quarter-patch stride, bilateral."""
     return PatchSettings(working_height=working_height, patch=patch,
                          stride=max(4, patch // 4), bilateral_lambda=BILATERAL_LAMBDA)
-VIEW_CHOICES: tuple[int, ...] = (1, 4)
 
 
 @dataclass
@@ -220,9 +219,8 @@ def image_auc(outputs: Sequence[tuple[np.ndarray, np.ndarray]], targets: np.ndar
     from sklearn.metrics import roc_auc_score
 
     scores = np.array([topk_mean(p[:, 1] + p[:, 2], top_k) for p, _ in outputs])
-    if lam > 0 and len(women) == len(scores):
-        differences = bilateral_differences(scores, women, lam)
-        scores = np.where(np.isnan(differences), (1.0 - lam) * scores, differences)
+    if len(women) == len(scores):
+        scores = ranking_scores(scores, women, lam)
     truth = (targets > 0).astype(int)
     if truth.all() or not truth.any():
         return 0.5
@@ -239,13 +237,18 @@ def bilateral_rows(rows: np.ndarray, scores: Sequence[float], women: Sequence[st
     differences = bilateral_differences(scores, women, settings.bilateral_lambda)
     out = rows.copy()
     for index, difference in enumerate(differences):
-        if np.isnan(difference):
-            continue
-        lesion = rows[index, 1] + rows[index, 2]
-        share = rows[index, 2] / lesion if lesion > 0 else 0.5
-        out[index] = split_abnormal(
-            sigmoid(settings.bilateral_a * float(difference) + settings.bilateral_b), share)
+        if not np.isnan(difference):
+            out[index] = bilateral_row(rows[index], float(difference), settings)
     return out
+
+
+def ranking_scores(scores: np.ndarray, women: Sequence[str], lam: float) -> np.ndarray:
+    """Image scores to rank by: with ``lam`` > 0, the bilateral differences (an image without a
+    partner: ``(1 - lam)`` times its score, as if the other breast scored the same)."""
+    if lam <= 0:
+        return scores
+    differences = bilateral_differences(scores, women, lam)
+    return np.where(np.isnan(differences), (1.0 - lam) * scores, differences)
 
 
 def fit_logistic(values: np.ndarray, abnormal: np.ndarray) -> tuple[float, float]:
