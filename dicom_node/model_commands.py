@@ -24,7 +24,11 @@ def train_command(
     ),
     max_minutes: Annotated[float | None, typer.Option(help="Wall-time budget.")] = None,
     wiener: Annotated[int, typer.Option(help="Wiener filter kernel (0 = off).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the split and training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of training (and of the split, unless "
+                                          "--split-seed is given).")] = 0,
+    split_seed: Annotated[
+        int | None, typer.Option(help="Seed of the train/val/test split (default: --seed).")
+    ] = None,
     size: Annotated[
         int | None, typer.Option(help="Input size in pixels (default: the recipe's).")
     ] = None,
@@ -40,7 +44,32 @@ def train_command(
         card_path = train(
             modality, data, out, architecture=arch, epochs=epochs, max_minutes=max_minutes,
             wiener_kernel=wiener, seed=seed, size=size, version=model_version, threads=threads,
+            split_seed=split_seed,
         )
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(summary_line(card_path))
+
+
+def ensemble_command(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Model cards (JSON) of the runs to put together.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the ensemble's weights and card.")],
+    data: Annotated[Path | None, typer.Option(help="Data set folder (default: shared)")] = None,
+    model_version: Annotated[
+        str, typer.Option(help="Version written to the model card.")
+    ] = "1.0.0",
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+) -> None:
+    """Average runs of one recipe that differ only in their training seed into one model
+    (calibrated and evaluated like a single run)."""
+    from inference.ensemble import assemble
+    from inference.train import summary_line
+
+    try:
+        card_path = assemble(runs, out, data_dir=data, version=model_version, threads=threads)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -390,6 +390,7 @@ def train(
     lr: float | None = None,
     max_minutes: float | None = None,
     wiener_kernel: int = 0,
+    split_seed: int | None = None,
     threads: int = 2,
     name: str | None = None,
     version: str = "1.0.0",
@@ -403,7 +404,9 @@ def train(
     Training stops after ``epochs``, after the recipe's patience without a better validation
     score, or after ``max_minutes`` of wall time, whichever is first; the best validation epoch's
     (exponential moving average) weights are kept. ``limit`` keeps only that many groups per
-    split (for quick tests).
+    split (for quick tests). ``seed`` seeds the weights, the augmentation and the batch order;
+    ``split_seed`` (default: ``seed``) the train/val/test split, so that differently seeded
+    members of an ensemble can share one split.
     """
     recipe = recipe_for(modality)
     arch = resolve_architecture(architecture or recipe.architecture)
@@ -435,7 +438,8 @@ def train(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         samples = recipe.reader(data_dir)
-        split = split_by_group(samples, seed=seed, labels=labels)
+        split_seed = seed if split_seed is None else split_seed
+        split = split_by_group(samples, seed=split_seed, labels=labels)
         if limit is not None:
             split = {k: _limit_groups(v, limit) for k, v in split.items()}
         preprocess = preprocess_transform(
@@ -632,7 +636,8 @@ def train(
             "weights": weights_path.name,
             "weights_format": "torch.save(state_dict), load with weights_only=True",
             "training_data": training_data_section(recipe, samples),
-            "split": {"method": recipe.split_method, "seed": seed, **_split_summary(split)},
+            "split": {"method": recipe.split_method, "seed": split_seed,
+                      **_split_summary(split)},
             "training": {
                 "optimizer": f"AdamW peak lr={lr} weight_decay={weight_decay}",
                 "schedule": "3-epoch linear warm-up, cosine over max(steps, wall-time budget)",
@@ -656,6 +661,7 @@ def train(
                 "stop_reason": stop_reason,
                 "seconds": round(training_seconds, 1),
                 "torch_threads": threads,
+                "seed": seed,
                 "limit_groups_per_split": limit,
             },
             "throughput": {
@@ -821,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only fit OOD statistics for an existing model card")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed of the train/val/test split (default: --seed)")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -839,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.modality, args.data, args.out, architecture=args.arch, epochs=args.epochs,
         seed=args.seed, size=args.size, lr=args.lr, max_minutes=args.max_minutes,
         wiener_kernel=args.wiener, name=args.name, version=args.model_version, limit=args.limit,
-        threads=args.threads,
+        threads=args.threads, split_seed=args.split_seed,
     )
     print(summary_line(card_path))
     return 0

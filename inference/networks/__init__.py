@@ -18,6 +18,7 @@ from inference.networks.effnetv2_gru import EffNetV2GRUAttention
 from inference.networks.mobilenetv2 import MobileNetV2
 from inference.networks.monai_resnet import MonaiResNet
 from inference.networks.se_resnet_bilstm import SEResNetBiLSTM
+from inference.networks.seed_ensemble import SeedEnsemble
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "BusiCNN": BusiCNN,
@@ -27,6 +28,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "CnnRnn": CnnRnn,
     "CnnRnnEnsemble": CnnRnnEnsemble,
     "MonaiResNet": MonaiResNet,
+    "SeedEnsemble": SeedEnsemble,
 }
 
 # Short names for the command line.
@@ -50,6 +52,7 @@ __all__ = [
     "MobileNetV2",
     "MonaiResNet",
     "SEResNetBiLSTM",
+    "SeedEnsemble",
     "build_network",
 ]
 
