@@ -112,5 +112,9 @@ def evaluate_command(
         value = result.get(key)
         if value is not None:
             typer.echo(f"  {key:18s} {value:.4f}")
+    reference = result.get("ece_calibrated_reference")
+    if reference is not None:
+        typer.echo(f"  (ECE of a perfectly calibrated model on this many images: mean "
+                   f"{reference['mean']:.4f}, 95th percentile {reference['p95']:.4f})")
     typer.echo(f"  not assessable     {result['not_assessable']}")
     typer.echo("  confusion matrix (rows = truth): " + json.dumps(result["confusion_matrix"]))

@@ -80,6 +80,38 @@ def test_json_matches_scikit_learn(busi_folder: Path) -> None:
     assert set(result["per_class"]) == set(BUSI_LABELS)
     assert result["per_class"]["malignant"]["support"] == 8
     assert result["model"]["name"] == classifier.card.name
+    reference = result["ece_calibrated_reference"]
+    assert 0.0 < reference["mean"] <= reference["p95"] < 1.0
+
+
+def test_ece_reference_of_a_calibrated_model_shrinks_with_n_and_exposes_overconfidence() -> None:
+    """ECE on a small set is biased upwards: the reference is what a perfectly calibrated model
+    scores on as many images with the same confidences, so a measured ECE means something only
+    above its ``p95``."""
+    from inference.metrics import calibrated_ece_reference, expected_calibration_error
+
+    rng = np.random.default_rng(7)
+
+    def calibrated(n: int) -> tuple[np.ndarray, np.ndarray]:
+        """n three-class probability rows, and labels drawn from them (calibrated by design)."""
+        logits = rng.normal(0, 1.5, (n, 3))
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        labels = np.array([rng.choice(3, p=row) for row in p])
+        return p, labels
+
+    small, large = calibrated(100)[0], calibrated(5000)[0]
+    assert calibrated_ece_reference(small)["mean"] > 0.05  # a 0.05 target is below the noise
+    assert calibrated_ece_reference(large)["mean"] < 0.02
+    # calibrated sets fall below the reference's 95th percentile about 95 % of the time
+    below = 0
+    for _ in range(40):
+        p, labels = calibrated(100)
+        below += expected_calibration_error(p, labels) <= calibrated_ece_reference(p)["p95"]
+    assert below >= 34
+    # an overconfident model (says 0.95, right 60 % of the time) is far above it
+    p = np.tile([0.95, 0.03, 0.02], (100, 1))
+    labels = np.where(rng.random(100) < 0.6, 0, 1)
+    assert expected_calibration_error(p, labels) > calibrated_ece_reference(p)["p95"] + 0.2
 
 
 def test_binary_metrics_of_the_positive_class() -> None:
