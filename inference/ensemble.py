@@ -10,9 +10,7 @@ out-of-distribution statistics fitted on the training split, and the test split 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,16 +31,15 @@ from inference.train import (
     OOD_PERCENTILE,
     SPLIT_NAMES,
     _loader,
-    _monai_version,
     _split_summary,
     measure_throughput,
     ood_section,
     plot_confusion,
     plot_roc,
     predict_outputs,
+    provenance,
     recipe_for,
     selection_score,
-    sha256_of,
 )
 
 # Card fields every member must agree on.
@@ -219,14 +216,7 @@ def assemble(
             "test": test_metrics,
             "note": "test = this card's own held-out split, evaluated once for the ensemble",
         },
-        "sha256": sha256_of(weights_path),
-        "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()} CPU, {threads} threads, no GPU (shared 2-core VM)",
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "monai": _monai_version(),
-        },
+        **provenance(weights_path, threads),
     }
     card_path = out_dir / f"{name}.json"
     card_path.write_text(json.dumps(card, indent=2) + "\n")

@@ -674,14 +674,7 @@ def train(
                 "test": test_metrics,
                 "note": "test = this card's own held-out split, evaluated once",
             },
-            "sha256": sha256_of(weights_path),
-            "date": dt.date.today().isoformat(),
-            "machine": f"{platform.machine()} CPU, {threads} threads, no GPU (shared 2-core VM)",
-            "software": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "monai": _monai_version(),
-            },
+            **provenance(weights_path, threads),
         }
         card_path = out_dir / f"{name}.json"
         card_path.write_text(json.dumps(card, indent=2) + "\n")
@@ -815,6 +808,21 @@ def _monai_version() -> str:
     import monai
 
     return str(monai.__version__)
+
+
+def provenance(weights_path: Path, threads: int) -> dict[str, Any]:
+    """The card's ``sha256``, ``date``, ``machine`` and ``software`` entries for a run whose
+    weights were just written to ``weights_path``."""
+    return {
+        "sha256": sha256_of(weights_path),
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()} CPU, {threads} threads, no GPU (shared 2-core VM)",
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "monai": _monai_version(),
+        },
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -529,9 +529,7 @@ def train_and_write(
 ) -> Path:
     """The MG recipe of ``inference.train.train``: train the patch model, fit its OOD
     statistics, evaluate validation and (once) test, and write the run folder; the card's path."""
-    import datetime as dt
     import json
-    import platform
 
     from monai.utils import set_determinism
 
@@ -542,12 +540,11 @@ def train_and_write(
     from inference.train import (
         OOD_PERCENTILE,
         _limit_groups,
-        _monai_version,
         _split_summary,
         ood_section,
         plot_confusion,
         plot_roc,
-        sha256_of,
+        provenance,
         training_data_section,
     )
 
@@ -695,11 +692,7 @@ def train_and_write(
                     run.test_probabilities, run.test_targets),
                 "note": "test = this card's own held-out split, evaluated once",
             },
-            "sha256": sha256_of(weights_path),
-            "date": dt.date.today().isoformat(),
-            "machine": f"{platform.machine()} CPU, {threads} threads, no GPU (shared 2-core VM)",
-            "software": {"python": platform.python_version(), "torch": torch.__version__,
-                         "monai": _monai_version()},
+            **provenance(weights_path, threads),
         }
         card_path = out_dir / f"{name}.json"
         card_path.write_text(json.dumps(card, indent=2) + "\n")
