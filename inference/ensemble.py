@@ -6,6 +6,10 @@ seed. Their weights go side by side into a ``SeedEnsemble`` (logits averaged), a
 then finished exactly as ``breastcad train`` finishes a single run: left-right flip averaging kept
 only if it scores better on validation, the temperature fitted on validation, the
 out-of-distribution statistics fitted on the training split, and the test split evaluated once.
+
+Mammography patch models (MG) are ensembled the same way at the patch level: the members' patch
+logits are averaged, and top_k, the flip views, Platt scaling and the bilateral logistic are
+chosen and fitted again on validation for the ensemble (``assemble_patch_ensemble``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from monai.data import set_track_meta
 from torch.utils.data import DataLoader
 
 from inference.card import ModelCard
-from inference.classifier import Classifier
 from inference.datasets import ImageDataset, split_by_group
+from inference.mammo_patches import PATCH_POOLING, PatchSettings, classifier_from_card
 from inference.metrics import evaluation_metrics, fit_temperature, softmax
 from inference.networks import SeedEnsemble
 from inference.ood import MahalanobisScorer
@@ -45,6 +49,9 @@ from inference.train import (
 # Card fields every member must agree on.
 _SHARED_FIELDS = ("modality", "architecture", "architecture_params", "input_size", "in_channels",
                   "labels", "preprocessing_params")
+# ... and, for mammography patch models, the patch geometry and the bilateral weight (top_k,
+# flips and the calibration are chosen again for the ensemble).
+_SHARED_PATCH_FIELDS = ("working_height", "patch", "stride", "min_tissue", "bilateral_lambda")
 
 
 def _member_summary(card: ModelCard) -> dict[str, Any]:
@@ -71,13 +78,20 @@ def check_members(cards: Sequence[ModelCard]) -> int:
     first = cards[0]
     if first.architecture == "SeedEnsemble":
         raise ValueError(f"{first.name} {first.version} is an ensemble already")
-    if first.data.get("postprocessing_kind"):
-        raise ValueError(f"{first.name} is a {first.data['postprocessing_kind']} model: only "
-                         "whole-image classifiers (US, SM) can be ensembled")
+    kind = first.data.get("postprocessing_kind")
+    if kind and kind != PATCH_POOLING:
+        raise ValueError(f"{first.name} is a {kind} model: only whole-image classifiers (US, "
+                         "SM) and mammography patch models (MG) can be ensembled")
     for card in cards[1:]:
-        for key in _SHARED_FIELDS:
+        for key in (*_SHARED_FIELDS, "postprocessing_kind"):
             if card.data.get(key) != first.data.get(key):
                 raise ValueError(f"runs differ in {key}: {first.path} and {card.path}")
+        if kind:
+            mine, theirs = first.data["patch_model"], card.data["patch_model"]
+            for key in _SHARED_PATCH_FIELDS:
+                if mine.get(key) != theirs.get(key):
+                    raise ValueError(f"runs differ in patch_model.{key}: {first.path} and "
+                                     f"{card.path}")
     seeds = {int(card.data.get("split", {}).get("seed", 0)) for card in cards}
     if len(seeds) != 1:
         raise ValueError(f"runs were trained on different splits (split seeds {sorted(seeds)}): "
@@ -103,7 +117,7 @@ def assemble(
     first = cards[0]
     recipe = recipe_for(first.modality)
     labels = first.labels
-    members = [Classifier.from_card(card) for card in cards]  # checks every sha256
+    members = [classifier_from_card(card) for card in cards]  # checks every sha256
     params: dict[str, Any] = {
         "in_channels": first.in_channels,
         "num_classes": len(labels),
@@ -120,6 +134,9 @@ def assemble(
     network.eval()
 
     data_dir = data_dir if data_dir is not None else shared_data_dir() / recipe.dataset
+    if first.data.get("postprocessing_kind") == PATCH_POOLING:
+        return assemble_patch_ensemble(cards, network, params, out_dir, data_dir=data_dir,
+                                       split_seed=split_seed, version=version, threads=threads)
     split = split_by_group(recipe.reader(data_dir), seed=split_seed, labels=labels)
     card_params = first.preprocessing_params
     previous_threads = torch.get_num_threads()
@@ -167,21 +184,15 @@ def assemble(
     finally:
         torch.set_num_threads(previous_threads)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = first.name
-    weights_path = out_dir / f"{name}.pt"
-    torch.save(network.state_dict(), weights_path)
-    ood_path = out_dir / f"{name}_ood.npz"
-    scorer.save(ood_path)
-    summaries = [_member_summary(card) for card in cards]
-    seconds = sum(float(s["seconds"] or 0.0) for s in summaries)
-    card: dict[str, Any] = {
-        **{key: value for key, value in first.data.items() if key not in ("throughput",)},
-        "version": version,
-        "architecture": "SeedEnsemble",
-        "architecture_module": SeedEnsemble.__module__,
-        "architecture_params": params,
-        "parameters": sum(p.numel() for p in network.parameters()),
+    card: dict[str, Any] = _ensemble_card(
+        cards, network, params, scorer, out_dir, version=version, split=split,
+        split_seed=split_seed, threads=threads,
+        ood=(threshold, float(np.mean(val_ood > threshold)), test_flagged),
+        selection="each member's epoch by its own validation score; the ensemble's flip "
+                  "averaging and temperature on validation",
+    )
+    card.update({
         "postprocessing": "mean of the members' logits, then softmax(logits / temperature)",
         "temperature": temperature,
         "test_time_augmentation": "hflip" if hflip else "none",
@@ -193,19 +204,6 @@ def assemble(
                    "maps stacked), ReLU, upsampled, 0..1",
         "embedding": f"the members' penultimate features concatenated ({network.embedding_size} "
                      "values)",
-        "ood": ood_section(ood_path, threshold, float(np.mean(val_ood > threshold)),
-                           test_flagged),
-        "weights": weights_path.name,
-        "split": {"method": recipe.split_method, "seed": split_seed, **_split_summary(split)},
-        "training": {
-            "method": f"{len(cards)} runs of the {recipe.name} recipe with different training "
-                      "seeds on one split, trained separately (breastcad train --seed S "
-                      f"--split-seed {split_seed}) and assembled by breastcad ensemble",
-            "members": summaries,
-            "seconds": round(seconds, 1),
-            "selection": "each member's epoch by its own validation score; the ensemble's flip "
-                         "averaging and temperature on validation",
-        },
         "throughput": {
             "images_per_second_batch64": round(images_per_second, 1),
             "threads": 2,
@@ -216,8 +214,7 @@ def assemble(
             "test": test_metrics,
             "note": "test = this card's own held-out split, evaluated once for the ensemble",
         },
-        **provenance(weights_path, threads),
-    }
+    })
     card_path = out_dir / f"{name}.json"
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     plot_confusion(test_metrics["confusion_matrix"], labels, out_dir / f"{name}_confusion.png",
@@ -225,3 +222,147 @@ def assemble(
     plot_roc(test_probabilities, test_targets, labels, out_dir / f"{name}_roc.png",
              f"{name} ensemble of {len(cards)}: test split ROC")
     return card_path
+
+
+def assemble_patch_ensemble(
+    cards: Sequence[ModelCard],
+    network: SeedEnsemble,
+    params: dict[str, Any],
+    out_dir: Path,
+    *,
+    data_dir: Path,
+    split_seed: int,
+    version: str,
+    threads: int,
+) -> Path:
+    """The MG half of ``assemble``: the members' patch networks as one ``SeedEnsemble`` (patch
+    logits averaged), finished as ``breastcad train`` finishes a patch run
+    (``inference.train_mammo.finish_patch_model``: top_k, flips, Platt and the bilateral
+    logistic chosen and fitted on validation), OOD statistics on the training split, and the
+    test split evaluated once."""
+    from inference.train_mammo import (
+        benign_vs_malignant_auc,
+        build_records,
+        finish_patch_model,
+        postprocessing_text,
+        write_patch_card,
+    )
+
+    first = cards[0]
+    recipe = recipe_for(first.modality)
+    labels = first.labels
+    settings = PatchSettings.from_mapping(first.data["patch_model"])
+    split = split_by_group(recipe.reader(data_dir), seed=split_seed, labels=labels)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        records = {part: build_records(data_dir, split[part], labels, settings)
+                   for part in SPLIT_NAMES}
+        finish = finish_patch_model(network, records, finish_settings(settings))
+        scorer = MahalanobisScorer.fit(finish.embeddings["train"], finish.targets["train"])
+        val_ood = scorer.score(finish.embeddings["val"])
+        threshold = float(np.percentile(val_ood, OOD_PERCENTILE))
+        val_metrics = evaluation_metrics(finish.probabilities["val"], finish.targets["val"],
+                                         labels)
+        # The test split is evaluated once, here, with everything chosen on validation.
+        test_probabilities, test_targets = finish.probabilities["test"], finish.targets["test"]
+        test_metrics = evaluation_metrics(test_probabilities, test_targets, labels)
+        test_flagged = float(np.mean(scorer.score(finish.embeddings["test"]) > threshold))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    name = first.name
+    final = finish.settings
+    card = _ensemble_card(
+        cards, network, params, scorer, out_dir, version=version, split=split,
+        split_seed=split_seed, threads=threads,
+        ood=(threshold, float(np.mean(val_ood > threshold)), test_flagged),
+        selection="each member's epoch by its own validation score; the ensemble's top_k, "
+                  "flips, Platt scaling and bilateral logistic on validation",
+    )
+    card.update({
+        "postprocessing": "mean of the members' patch logits, then "
+                          + postprocessing_text(final),
+        "patch_model": final.as_dict(),
+        "pooling_validation_auc": finish.top_k_scores,
+        "calibration": "Platt scaling of the pooled score on the validation split "
+                       f"(a={final.platt_a:.4f}, b={final.platt_b:.4f}), for the ensemble",
+        "test_time_augmentation": (f"patch flips, {final.views} views averaged"
+                                   if final.views > 1 else "none"),
+        "embedding": "mean patch embedding of the breast, then of the top patches (the "
+                     f"members' embeddings concatenated: {finish.embeddings['val'].shape[1]} "
+                     "values)",
+        "metrics": {
+            "val": val_metrics,
+            "test": test_metrics,
+            "val_patch_auc": finish.val_patch_auc,
+            "val_benign_vs_malignant_auc": benign_vs_malignant_auc(
+                finish.probabilities["val"], finish.targets["val"]),
+            "test_benign_vs_malignant_auc": benign_vs_malignant_auc(
+                test_probabilities, test_targets),
+            "note": "test = this card's own held-out split, evaluated once for the ensemble",
+        },
+    })
+    card_path = write_patch_card(card, out_dir / f"{name}.json", data_dir, split["val"], threads,
+                                 "when the ensemble was assembled")
+    plot_confusion(test_metrics["confusion_matrix"], labels, out_dir / f"{name}_confusion.png",
+                   f"{name} ensemble of {len(cards)}: test split")
+    plot_roc(test_probabilities, test_targets, labels, out_dir / f"{name}_roc.png",
+             f"{name} ensemble of {len(cards)}: test split ROC")
+    return card_path
+
+
+def finish_settings(settings: PatchSettings) -> PatchSettings:
+    """A member's patch settings with what the ensemble chooses again (top_k, flips, Platt,
+    the bilateral logistic) set back to their defaults."""
+    return PatchSettings(working_height=settings.working_height, patch=settings.patch,
+                         stride=settings.stride, min_tissue=settings.min_tissue,
+                         bilateral_lambda=settings.bilateral_lambda)
+
+
+def _ensemble_card(
+    cards: Sequence[ModelCard],
+    network: SeedEnsemble,
+    params: dict[str, Any],
+    scorer: MahalanobisScorer,
+    out_dir: Path,
+    *,
+    version: str,
+    split: dict[str, Any],
+    split_seed: int,
+    threads: int,
+    ood: tuple[float, float, float],
+    selection: str,
+) -> dict[str, Any]:
+    """Save the ensemble's weights and OOD statistics into ``out_dir`` and return the card
+    fields every ensemble has: the first member's card with the ensemble's architecture,
+    weights, OOD section (``ood`` = threshold, validation and test flagged rates), split,
+    members and provenance."""
+    first = cards[0]
+    recipe = recipe_for(first.modality)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = out_dir / f"{first.name}.pt"
+    torch.save(network.state_dict(), weights_path)
+    ood_path = out_dir / f"{first.name}_ood.npz"
+    scorer.save(ood_path)
+    summaries = [_member_summary(card) for card in cards]
+    return {
+        **{key: value for key, value in first.data.items() if key not in ("throughput",)},
+        "version": version,
+        "architecture": "SeedEnsemble",
+        "architecture_module": SeedEnsemble.__module__,
+        "architecture_params": params,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "ood": ood_section(ood_path, *ood),
+        "weights": weights_path.name,
+        "split": {"method": recipe.split_method, "seed": split_seed, **_split_summary(split)},
+        "training": {
+            "method": f"{len(cards)} runs of the {recipe.name} recipe with different training "
+                      "seeds on one split, trained separately (breastcad train --seed S "
+                      f"--split-seed {split_seed}) and assembled by breastcad ensemble",
+            "members": summaries,
+            "seconds": round(sum(float(s["seconds"] or 0.0) for s in summaries), 1),
+            "selection": selection,
+        },
+        **provenance(weights_path, threads),
+    }

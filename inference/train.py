@@ -426,7 +426,7 @@ def train(
             recipe, data_dir, out_dir, architecture=arch, epochs=epochs, seed=seed, size=size,
             lr=lr, max_minutes=max_minutes, threads=threads, name=name, version=version,
             limit=limit, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
-            wiener_kernel=wiener_kernel,
+            wiener_kernel=wiener_kernel, split_seed=split_seed,
         )
     started = time.monotonic()
     previous_threads = torch.get_num_threads()

@@ -416,12 +416,43 @@ def train_patch_model(
     final = build_network(architecture, params)
     final.load_state_dict({k: v.contiguous() for k, v in best_state.items()})
     final.eval()
-    # Pooling (top_k) and test-time flips (1 or 4 views) chosen on validation; a tie keeps the
-    # cheaper one.
+    finish = finish_patch_model(final, records, settings)
+    return MammoRun(
+        network=final, settings=finish.settings, history=history, best_epoch=best_epoch,
+        stop_reason=stop_reason, class_weights=[float(w) for w in class_weights],
+        patch_counts={"tissue": int(counts[0]), "benign": int(counts[1]),
+                      "malignant": int(counts[2]), "train_lesions": n_lesions},
+        val_probabilities=finish.probabilities["val"], val_targets=finish.targets["val"],
+        test_probabilities=finish.probabilities["test"], test_targets=finish.targets["test"],
+        embeddings={**finish.embeddings, "train_targets": finish.targets["train"]},
+        top_k_scores=finish.top_k_scores, val_patch_auc=finish.val_patch_auc,
+    )
+
+
+@dataclass
+class PatchFinish:
+    """A patch network's pooling, calibration and outputs, fitted on validation."""
+
+    settings: PatchSettings
+    top_k_scores: dict[str, float]
+    probabilities: dict[str, np.ndarray]  # per split: (N, 3) image probabilities
+    targets: dict[str, np.ndarray]
+    embeddings: dict[str, np.ndarray]  # per split: (N, D) image embeddings
+    val_patch_auc: float
+
+
+def finish_patch_model(network: nn.Module, records: dict[str, list[ViewRecord]],
+                       settings: PatchSettings) -> PatchFinish:
+    """Choose top_k and the test-time flips (1 or 4 views) on validation (a tie keeps the
+    cheaper one), fit Platt scaling and, with a bilateral rule, its logistic on validation; then
+    the image probabilities and embeddings of every split under those fixed choices. Used for a
+    trained run and for an ensemble of runs (``assemble_patch_ensemble``)."""
+    val_targets = np.array([r.target for r in records["val"]])
+    val_women = [r.sample.group for r in records["val"]]
     top_k_scores: dict[str, float] = {}
     val_by_views = {}
     for views in VIEW_CHOICES:
-        val_by_views[views] = image_outputs(final, records["val"], settings, views)
+        val_by_views[views] = image_outputs(network, records["val"], settings, views)
         for k in TOP_K_CHOICES:
             top_k_scores[f"views={views} top_k={k}"] = image_auc(
                 val_by_views[views], val_targets, k, val_women, settings.bilateral_lambda)
@@ -444,7 +475,7 @@ def train_patch_model(
     probabilities: dict[str, np.ndarray] = {}
     for part in ("train", "val", "test"):
         outputs = (val_outputs if part == "val"
-                   else image_outputs(final, records[part], settings, settings.views))
+                   else image_outputs(network, records[part], settings, settings.views))
         rows, vectors, scores = [], [], []
         for patch_probabilities, patch_embeddings in outputs:
             image_p, top = image_probabilities(patch_probabilities, settings)
@@ -454,16 +485,11 @@ def train_patch_model(
         probabilities[part] = bilateral_rows(
             np.asarray(rows), scores, [r.sample.group for r in records[part]], settings)
         embeddings[part] = np.asarray(vectors)
-    return MammoRun(
-        network=final, settings=settings, history=history, best_epoch=best_epoch,
-        stop_reason=stop_reason, class_weights=[float(w) for w in class_weights],
-        patch_counts={"tissue": int(counts[0]), "benign": int(counts[1]),
-                      "malignant": int(counts[2]), "train_lesions": n_lesions},
-        val_probabilities=probabilities["val"], val_targets=val_targets,
-        test_probabilities=probabilities["test"],
-        test_targets=np.array([r.target for r in records["test"]]),
-        embeddings={**embeddings, "train_targets": np.array([r.target for r in train_records])},
-        top_k_scores=top_k_scores, val_patch_auc=patch_auc(final, records["val"], settings),
+    return PatchFinish(
+        settings=settings, top_k_scores=top_k_scores, probabilities=probabilities,
+        targets={part: np.array([r.target for r in records[part]])
+                 for part in ("train", "val", "test")},
+        embeddings=embeddings, val_patch_auc=patch_auc(network, records["val"], settings),
     )
 
 
@@ -522,20 +548,69 @@ def benign_vs_malignant_auc(probabilities: np.ndarray, targets: np.ndarray) -> f
     return float(roc_auc_score(truth, share))
 
 
+def postprocessing_text(settings: PatchSettings) -> str:
+    """The card's description of how patch outputs become image probabilities."""
+    text = (
+        f"patch softmax (averaged over {settings.views} flips of each patch; 1 or 4 chosen on "
+        "validation) -> lesion probability p(benign)+p(malignant) per patch -> image "
+        f"score = mean of the top {settings.top_k} patches -> p(abnormal) = "
+        "sigmoid(platt_a * logit(score) + platt_b) (Platt, fitted on validation) -> "
+        "p(malignant) = p(abnormal) * mean malignant share of the top patches, "
+        "p(benign) = the rest of p(abnormal)"
+    )
+    if settings.bilateral_lambda > 0:
+        text += (
+            ". In a study with both breasts (workers.mammo), each breast instead gets "
+            "p(abnormal) = sigmoid(bilateral_a * (its score - "
+            f"{settings.bilateral_lambda:g} x the other breast's score) + bilateral_b) "
+            f"(a={settings.bilateral_a:.4f}, b={settings.bilateral_b:.4f}, fitted on the "
+            "validation pairs); the metrics below use that rule for every image whose partner "
+            "is in the same split (all of mini-MIAS), as the node would for a two-breast study"
+        )
+    return text
+
+
+def write_patch_card(card: dict[str, Any], card_path: Path, data_dir: Path,
+                     probe_samples: Sequence[Sample], threads: int, when: str) -> Path:
+    """Write ``card``, load it back as a ``MammoPatchClassifier`` (which checks the weights'
+    sha256), time it on up to four whole mammograms and write the card again with that
+    throughput."""
+    import json
+
+    from inference.card import ModelCard
+    from inference.mammo_patches import MammoPatchClassifier
+
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    classifier = MammoPatchClassifier.from_card(ModelCard.from_file(card_path))
+    probe = [load_image(data_dir / s.path) for s in probe_samples[:4]]
+    timed = time.perf_counter()
+    classifier.predict_batch(probe)
+    card["throughput"] = {
+        "images_per_second": round(len(probe) / max(time.perf_counter() - timed, 1e-9), 2),
+        "threads": threads,
+        "note": "whole mammograms through MammoPatchClassifier.predict, on the training "
+                f"machine {when}",
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path
+
+
 def train_and_write(
     recipe: Any, data_dir: Path, out_dir: Path, *, architecture: str, epochs: int, seed: int,
     size: int, lr: float, max_minutes: float, threads: int, name: str, version: str,
     limit: int | None, weight_decay: float, batch_size: int, patience: int, wiener_kernel: int,
+    split_seed: int | None = None,
 ) -> Path:
     """The MG recipe of ``inference.train.train``: train the patch model, fit its OOD
-    statistics, evaluate validation and (once) test, and write the run folder; the card's path."""
+    statistics, evaluate validation and (once) test, and write the run folder; the card's path.
+    ``split_seed`` (default: ``seed``) seeds the split, so that runs of several training seeds
+    can share one and be ensembled (``breastcad ensemble``)."""
     import json
 
     from monai.utils import set_determinism
 
-    from inference.card import ModelCard
     from inference.datasets import split_by_group
-    from inference.mammo_patches import PATCH_POOLING, MammoPatchClassifier
+    from inference.mammo_patches import PATCH_POOLING
     from inference.ood import MahalanobisScorer
     from inference.train import (
         OOD_PERCENTILE,
@@ -558,7 +633,8 @@ def train_and_write(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         samples = recipe.reader(data_dir)
-        split = split_by_group(samples, seed=seed, labels=labels)
+        split_seed = seed if split_seed is None else split_seed
+        split = split_by_group(samples, seed=split_seed, labels=labels)
         if limit is not None:
             split = {k: _limit_groups(v, limit) for k, v in split.items()}
         settings = recipe_settings(size)
@@ -614,23 +690,7 @@ def train_and_write(
                 "grid of centres on tissue (padded by half a patch with the background level)"
             ),
             "postprocessing_kind": PATCH_POOLING,
-            "postprocessing": (
-                f"patch softmax (averaged over {run.settings.views} flips of each patch; "
-                "1 or 4 chosen on validation) -> lesion probability p(benign)+p(malignant) per "
-                "patch -> image "
-                f"score = mean of the top {run.settings.top_k} patches -> p(abnormal) = "
-                "sigmoid(platt_a * logit(score) + platt_b) (Platt, fitted on validation) -> "
-                "p(malignant) = p(abnormal) * mean malignant share of the top patches, "
-                "p(benign) = the rest of p(abnormal)"
-                + (f". In a study with both breasts (workers.mammo), each breast instead gets "
-                   f"p(abnormal) = sigmoid(bilateral_a * (its score - "
-                   f"{run.settings.bilateral_lambda:g} x the other breast's score) + "
-                   f"bilateral_b) (a={run.settings.bilateral_a:.4f}, "
-                   f"b={run.settings.bilateral_b:.4f}, fitted on the validation pairs); the "
-                   "metrics below use that rule for every image whose partner is in the same "
-                   "split (all of mini-MIAS), as the node would for a two-breast study"
-                   if run.settings.bilateral_lambda > 0 else "")
-            ),
+            "postprocessing": postprocessing_text(run.settings),
             "patch_model": run.settings.as_dict(),
             "pooling_validation_auc": run.top_k_scores,
             "temperature": 1.0,
@@ -650,8 +710,10 @@ def train_and_write(
             "training_data": training_data_section(
                 recipe, samples, lesion_annotations="x, y (from the bottom), radius of labels.csv"
             ),
-            "split": {"method": recipe.split_method, "seed": seed, **_split_summary(split)},
+            "split": {"method": recipe.split_method, "seed": split_seed,
+                      **_split_summary(split)},
             "training": {
+                "seed": seed,
                 "optimizer": f"AdamW peak lr={lr} weight_decay={weight_decay}",
                 "schedule": "2-epoch linear warm-up, cosine over max(steps, wall-time budget)",
                 "max_minutes": max_minutes,
@@ -694,19 +756,8 @@ def train_and_write(
             },
             **provenance(weights_path, threads),
         }
-        card_path = out_dir / f"{name}.json"
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
-        classifier = MammoPatchClassifier.from_card(ModelCard.from_file(card_path))
-        probe = [load_image(data_dir / s.path) for s in split["val"][:4]]
-        timed = time.perf_counter()
-        classifier.predict_batch(probe)
-        card["throughput"] = {
-            "images_per_second": round(len(probe) / (time.perf_counter() - timed), 2),
-            "threads": threads,
-            "note": "whole 1024x1024 mammograms through MammoPatchClassifier.predict, on the "
-                    "training machine at the end of training",
-        }
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        card_path = write_patch_card(card, out_dir / f"{name}.json", data_dir, split["val"],
+                                     threads, "at the end of training")
         (out_dir / f"{name}_history.json").write_text(json.dumps(run.history, indent=1) + "\n")
         _plot_curves(run.history, run.best_epoch, out_dir / f"{name}_curves.png")
         plot_confusion(test_result["confusion_matrix"], labels, out_dir / f"{name}_confusion.png",
