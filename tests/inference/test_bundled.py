@@ -1,9 +1,10 @@
 """Bundled models: they load, their checksums match, missing modalities are reported.
 
-The MG patch model is a candidate, not bundled (inference/candidates/README.md: its test AUC
-normal-vs-abnormal is 0.58): these tests load it from there, as a site would with
-``model_dirs``, to check that the patch classifier serves real trained weights and that its
-card's figures are reproducible."""
+The MG patch model is a candidate, not bundled (inference/candidates/README.md: an ensemble of
+three patch models whose test AUC normal-vs-abnormal is 0.66 and which labels every test
+mammogram normal): these tests load it from there, as a site would with ``model_dirs``, to
+check that the patch classifier serves real trained weights and that its card's figures are
+reproducible."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inference import (
     ModelCard,
@@ -23,6 +25,7 @@ from inference.bundled import BUNDLED_DIR
 from inference.card import sha256_file
 from inference.datasets import MIAS_LABELS, load_image, read_mias, split_by_group
 from inference.mammo_patches import MammoPatchClassifier, classifier_from_card
+from inference.train_mammo import bilateral_rows
 
 REQUIRED_CARD_KEYS = (
     "name", "version", "modality", "architecture", "parameters", "input_size", "in_channels",
@@ -107,7 +110,11 @@ def test_candidate_mg_serves_a_mammogram(mias_dir: Path) -> None:
     assert prediction.label in MIAS_LABELS and prediction.modality == "MG"
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     assert prediction.heatmap.shape == image.shape
-    assert prediction.embedding.shape == (256,) and prediction.ood_score is not None
+    # the image embedding: the breast's mean patch embedding, then the top patches' mean
+    patch = classifier.preprocess(image)[:1]
+    with torch.no_grad():
+        patch_size = classifier.module.embed(classifier.module.forward_features(patch)).shape[1]
+    assert prediction.embedding.shape == (2 * patch_size,) and prediction.ood_score is not None
     assert not prediction.not_assessable
     assert classifier.predict(np.zeros((512, 400), dtype=np.uint8)).not_assessable
 
@@ -124,9 +131,15 @@ def test_candidate_mg_reproduces_its_test_figures(mias_dir: Path) -> None:
     assert len(test) == card["split"]["test"]["images"]
     images = [load_image(mias_dir / s.path)[..., 0] for s in test]
     predictions = classifier.predict_batch(images)
+    # the card's figures use the bilateral rule for every breast whose partner is in the split,
+    # as workers.mammo does for a two-breast study
+    rows = bilateral_rows(
+        np.array([[p.probabilities[name] for name in MIAS_LABELS] for p in predictions]),
+        [float(p.raw_score or 0.0) for p in predictions], [s.group for s in test],
+        classifier.settings)
     abnormal = [s.label != "normal" for s in test]
-    scores = [1.0 - p.probabilities["normal"] for p in predictions]
-    auc = roc_auc_score(abnormal, scores)
+    auc = roc_auc_score(abnormal, 1.0 - rows[:, 0])
     assert auc == pytest.approx(card["metrics"]["test"]["auc_abnormal"], abs=0.02)
-    accuracy = np.mean([p.label == s.label for p, s in zip(predictions, test, strict=True)])
+    labels = [MIAS_LABELS[int(i)] for i in np.argmax(rows, axis=1)]
+    accuracy = np.mean([label == s.label for label, s in zip(labels, test, strict=True)])
     assert accuracy == pytest.approx(card["metrics"]["test"]["accuracy"], abs=0.03)

@@ -226,6 +226,12 @@ def test_evaluate_scores_each_breast_against_the_other_with_pairs(
     bad.write_text("path,side\nbenign/mdb001.png,R\n")
     with pytest.raises(EvaluationError, match="patient_id"):
         evaluate_folder("MG", tiny_mias, model=tiny_model.parent, pairs=bad)
-    candidate = Path(__file__).resolve().parents[2] / "inference" / "candidates"
+    no_rule = tmp_path / "no_rule"
+    no_rule.mkdir()
+    for name in ("mg_mias.pt", "mg_mias_ood.npz"):
+        shutil.copy(tiny_model.parent / name, no_rule / name)
+    card = json.loads(tiny_model.read_text())
+    card["patch_model"]["bilateral_lambda"] = 0.0
+    (no_rule / "mg_mias.json").write_text(json.dumps(card))
     with pytest.raises(EvaluationError, match="no bilateral rule"):
-        evaluate_folder("MG", tiny_mias, model=candidate, pairs=tiny_mias / "labels.csv")
+        evaluate_folder("MG", tiny_mias, model=no_rule, pairs=tiny_mias / "labels.csv")
