@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.datasets import MIAS_LABELS, Sample, read_mias, split_by_group  # noqa: E402
+from inference.mammo_cv import load_ensemble, load_images, write_fold  # noqa: E402
 from inference.paths import shared_data_dir  # noqa: E402
 
 FOLDS = 4
@@ -152,37 +153,6 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
               f"inner val score {max(h['val_score'] for h in run.history):.3f}", flush=True)
 
 
-def write_fold(target: Path, images: list[dict[str, Any]], **facts: float) -> None:
-    """One fold's held-out images (path, patient, side, target, (N, 3) patch probabilities
-    ``p``, (N, 2) grid ``centres``, working ``shape``) as the npz ``load_images`` reads."""
-    arrays: dict[str, Any] = {
-        "paths": np.array([im["path"] for im in images]),
-        "patients": np.array([im["patient"] for im in images]),
-        "sides": np.array([im["side"] for im in images]),
-        "targets": np.array([im["target"] for im in images]),
-        **{name: np.array(value) for name, value in facts.items()},
-    }
-    for index, image in enumerate(images):
-        arrays[f"p{index}"] = np.asarray(image["p"], dtype=np.float32)
-        arrays[f"c{index}"] = np.asarray(image["centres"])
-        arrays[f"s{index}"] = np.array(image["shape"])
-    np.savez_compressed(target, **arrays)
-
-
-def load_images(out: Path) -> list[dict[str, Any]]:
-    images = []
-    for path in sorted(out.glob("fold*.npz")):
-        data = np.load(path)
-        for index, image_path in enumerate(data["paths"]):
-            images.append({
-                "path": str(image_path), "patient": str(data["patients"][index]),
-                "side": str(data["sides"][index]), "target": int(data["targets"][index]),
-                "p": data[f"p{index}"], "centres": data[f"c{index}"],
-                "shape": tuple(int(v) for v in data[f"s{index}"]),
-            })
-    return images
-
-
 def lesion(image: dict[str, Any], no_pectoral: float) -> np.ndarray:
     """Patch lesion probabilities, with the upper chest-wall corner left out if asked: a patch
     is dropped when row / height + column / width < ``no_pectoral``."""
@@ -248,25 +218,12 @@ def paired_difference(images: list[dict[str, Any]], a: np.ndarray, b: np.ndarray
         rounds=rounds)
 
 
-def load_ensemble(outs: list[Path]) -> list[dict[str, Any]]:
-    """Out-of-fold images of several runs on the same folds, patch probabilities averaged (the
-    grids are the same: they depend on the image only)."""
-    runs = [sorted(load_images(out), key=lambda im: im["path"]) for out in outs]
-    images = runs[0]
-    for other in runs[1:]:
-        if [im["path"] for im in other] != [im["path"] for im in images]:
-            raise SystemExit("the runs do not hold the same images")
-    for index, image in enumerate(images):
-        for other in runs[1:]:
-            if not np.array_equal(other[index]["centres"], image["centres"]):
-                raise SystemExit(f"{image['path']}: different patch grids")
-        image["p"] = np.mean([run[index]["p"] for run in runs], axis=0)
-    return images
-
-
 def pool(data_dir: Path, out: Path, ensemble: list[Path] | None = None, rounds: int = 2000
          ) -> dict[str, Any]:
-    images = load_ensemble([out, *ensemble]) if ensemble else load_images(out)
+    try:
+        images = load_ensemble([out, *ensemble]) if ensemble else load_images(out)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     if not images:
         raise SystemExit(f"no fold*.npz in {out}: run `python bench/mg_cv.py train` first")
     normal = sum(1 for im in images if im["target"] == 0)

@@ -18,7 +18,12 @@ import typer
 # slower on a shared 2-core machine whenever another process is busy (measured here).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dicom_node.model_commands import ensemble_command, evaluate_command, train_command
+from dicom_node.model_commands import (
+    ensemble_command,
+    evaluate_command,
+    recalibrate_command,
+    train_command,
+)
 from dicom_node.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(
@@ -33,6 +38,7 @@ app.add_typer(routes_app, name="routes")
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("ensemble")(ensemble_command)
+app.command("recalibrate")(recalibrate_command)
 
 ConfigOption = Annotated[
     Path | None,

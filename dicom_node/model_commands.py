@@ -1,4 +1,5 @@
-"""``breastcad train`` and ``breastcad evaluate``: the model side of the command line."""
+"""``breastcad train``, ``evaluate``, ``ensemble`` and ``recalibrate``: the model side of the
+command line."""
 
 from __future__ import annotations
 
@@ -70,6 +71,33 @@ def ensemble_command(
 
     try:
         card_path = assemble(runs, out, data_dir=data, version=model_version, threads=threads)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(summary_line(card_path))
+
+
+def recalibrate_command(
+    card: Annotated[Path, typer.Argument(help="Model card (JSON) of a finished MG patch model.")],
+    cv: Annotated[
+        list[Path], typer.Option(help="Folder(s) of out-of-fold maps from `python bench/mg_cv.py "
+                                      "train` (several: their maps are averaged).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the recalibrated model's card.")],
+    data: Annotated[Path | None, typer.Option(help="Data set folder (default: shared)")] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="Version written to the card (default: the card's).")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+) -> None:
+    """Fit an MG patch model's calibration and operating point on out-of-fold scores of the
+    development women instead of its validation split (weights unchanged)."""
+    from inference.mammo_cv import recalibrate
+    from inference.train import summary_line
+
+    try:
+        card_path = recalibrate(card, cv, out, data_dir=data, version=model_version,
+                                threads=threads)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -245,6 +245,7 @@ def assemble_patch_ensemble(
         build_records,
         finish_patch_model,
         postprocessing_text,
+        served_metrics,
         write_patch_card,
     )
 
@@ -262,11 +263,12 @@ def assemble_patch_ensemble(
         scorer = MahalanobisScorer.fit(finish.embeddings["train"], finish.targets["train"])
         val_ood = scorer.score(finish.embeddings["val"])
         threshold = float(np.percentile(val_ood, OOD_PERCENTILE))
-        val_metrics = evaluation_metrics(finish.probabilities["val"], finish.targets["val"],
-                                         labels)
+        val_metrics = served_metrics(finish.probabilities["val"], finish.targets["val"],
+                                     labels, finish.settings)
         # The test split is evaluated once, here, with everything chosen on validation.
         test_probabilities, test_targets = finish.probabilities["test"], finish.targets["test"]
-        test_metrics = evaluation_metrics(test_probabilities, test_targets, labels)
+        test_metrics = served_metrics(test_probabilities, test_targets, labels,
+                                      finish.settings)
         test_flagged = float(np.mean(scorer.score(finish.embeddings["test"]) > threshold))
     finally:
         torch.set_num_threads(previous_threads)

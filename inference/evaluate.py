@@ -158,7 +158,10 @@ def evaluate_folder(
     probabilities = [[p.probabilities[label] for label in labels] for p in predictions]
     seconds = time.perf_counter() - started
     targets = np.array([labels.index(label) for _, label in files])
-    result = evaluation_metrics(np.asarray(probabilities), targets, labels)
+    # Accuracy, F1 and the confusion matrix score the labels the node serves (an MG card's
+    # operating point is not the argmax); the AUCs, NLL and ECE score the probabilities.
+    served = np.array([labels.index(p.label) for p in predictions], dtype=np.int64)
+    result = evaluation_metrics(np.asarray(probabilities), targets, labels, served)
     result["model"] = {
         "name": classifier.card.name,
         "version": classifier.card.version,

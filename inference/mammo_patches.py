@@ -92,6 +92,10 @@ class PatchSettings:
     bilateral_lambda: float = 0.0
     bilateral_a: float = 1.0
     bilateral_b: float = 0.0
+    # Operating point: an image is labelled abnormal (benign or malignant, by the larger share)
+    # when p(abnormal) >= this threshold, normal otherwise. None: the argmax of the three
+    # probabilities (cards before 1.2.0), which needs p(abnormal) > 0.5-0.67 to say abnormal.
+    abnormal_threshold: float | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PatchSettings:
@@ -215,6 +219,23 @@ def split_abnormal(abnormal: float, malignant_share: float) -> npt.NDArray[np.fl
                      abnormal * malignant_share])
 
 
+def label_index(values: np.ndarray, settings: PatchSettings) -> int:
+    """The served label of (normal, benign, malignant) probabilities under the card's rule: the
+    argmax, or with an operating point (``abnormal_threshold``) abnormal when p(abnormal) reaches
+    it, then benign or malignant by the larger probability."""
+    values = np.asarray(values, dtype=np.float64)
+    if settings.abnormal_threshold is None:
+        return int(np.argmax(values))
+    if 1.0 - float(values[0]) >= settings.abnormal_threshold:
+        return 1 + int(np.argmax(values[1:]))
+    return 0
+
+
+def label_indices(rows: np.ndarray, settings: PatchSettings) -> npt.NDArray[np.int64]:
+    """``label_index`` of every row of (N, 3) image probabilities."""
+    return np.array([label_index(row, settings) for row in np.asarray(rows)], dtype=np.int64)
+
+
 def bilateral_differences(scores: Sequence[float] | np.ndarray, women: Sequence[str], lam: float
                           ) -> npt.NDArray[np.float64]:
     """Each image's score minus ``lam`` times the mean score of the other images of the same
@@ -318,7 +339,7 @@ class MammoPatchClassifier(Classifier):
         not_assessable = no_contrast or (score is not None and score > self.ood_threshold)
         lesion = patch_probabilities[:, 1] + patch_probabilities[:, 2]
         heatmap = self._heatmap(view, centres, lesion, (int(pixels.shape[0]), int(pixels.shape[1])))
-        label = self.labels[int(np.argmax(probabilities))]
+        label = self.labels[label_index(probabilities, self.settings)]
         return Prediction(
             modality=self.card.modality,
             label=label,
@@ -360,7 +381,7 @@ class MammoPatchClassifier(Classifier):
         probabilities = {name: float(v) for name, v in zip(self.labels, values, strict=True)}
         return replace(
             finding,
-            label=self.labels[int(np.argmax(values))],
+            label=self.labels[label_index(values, self.settings)],
             probabilities=probabilities,
             extra={**finding.extra, "bilateral": (
                 f"compared with the other breast: score {np.mean(own_scores):.3f} - "

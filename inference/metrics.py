@@ -35,12 +35,15 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def classification_metrics(
-    probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str]
+    probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str],
+    predicted: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro F1, macro one-vs-rest AUC, per-class AUC, the
     normal-vs-abnormal AUC (when ``normal`` is a label), NLL and the confusion matrix
-    (rows = truth, columns = prediction, in ``labels`` order)."""
-    predicted = probabilities.argmax(axis=1)
+    (rows = truth, columns = prediction, in ``labels`` order). ``predicted``: the label indices
+    the model serves, when its rule is not the argmax of ``probabilities`` (an MG card's
+    operating point); the AUCs, NLL and ECE always come from ``probabilities``."""
+    predicted = _predicted(probabilities, predicted)
     indices = list(range(len(labels)))
     per_class_auc: dict[str, float | None] = {}
     for i, label in enumerate(labels):
@@ -112,8 +115,18 @@ def calibrated_ece_reference(
             "draws": draws}
 
 
+def _predicted(probabilities: np.ndarray, predicted: np.ndarray | None) -> np.ndarray:
+    if predicted is None:
+        return np.asarray(probabilities).argmax(axis=1)
+    out = np.asarray(predicted, dtype=np.int64)
+    if out.shape != (len(probabilities),):
+        raise ValueError(f"predicted has shape {out.shape}, expected ({len(probabilities)},)")
+    return out
+
+
 def evaluation_metrics(
-    probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str]
+    probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str],
+    predicted: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The metrics `breastcad evaluate --json` prints, from class probabilities and targets.
 
@@ -122,13 +135,14 @@ def evaluation_metrics(
     precision, recall, F1 and Jaccard, macro one-vs-rest AUC, and ``auc_abnormal`` (normal vs the
     rest, from 1 - p(normal)) when ``normal`` is a label. ``per_class`` holds each label's
     precision, recall, F1, support and one-vs-rest AUC; ``confusion_matrix`` rows are the true
-    label, columns the prediction, both in ``labels`` order.
+    label, columns the prediction, both in ``labels`` order. ``predicted``: as in
+    :func:`classification_metrics`.
     """
     from sklearn.metrics import jaccard_score, precision_recall_fscore_support
 
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
-    predicted = probabilities.argmax(axis=1)
+    predicted = _predicted(probabilities, predicted)
     indices = list(range(len(labels)))
     binary = len(labels) == 2
     average = "binary" if binary else "macro"
@@ -139,7 +153,7 @@ def evaluation_metrics(
     p_c, r_c, f_c, support = precision_recall_fscore_support(
         targets, predicted, labels=indices, average=None, zero_division=0
     )
-    base = classification_metrics(probabilities, targets, labels)
+    base = classification_metrics(probabilities, targets, labels, predicted)
     per_class = {
         label: {
             "precision": float(p_c[i]),

@@ -45,6 +45,7 @@ from inference.mammo_patches import (
     grid_centres,
     image_embedding,
     image_probabilities,
+    label_indices,
     logit,
     padded,
     patch_forward,
@@ -508,8 +509,48 @@ def _hard_negatives(network: nn.Module, records: Sequence[ViewRecord], normal: S
     return hard
 
 
+def served_metrics(probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str],
+                   settings: PatchSettings) -> dict[str, Any]:
+    """``evaluation_metrics`` of image probabilities, the labels by the card's rule
+    (``label_index``: the argmax, or the operating point)."""
+    return evaluation_metrics(probabilities, targets, labels,
+                              label_indices(probabilities, settings))
+
+
+@dataclass
+class ScoredSplit:
+    """One split scored by a finished patch model."""
+
+    probabilities: np.ndarray  # (N, 3) image probabilities, the bilateral rule applied
+    targets: np.ndarray
+    scores: np.ndarray  # pooled image scores (mean of the top_k patch lesion probabilities)
+    metrics: dict[str, Any]
+
+
+def score_splits(network: nn.Module, data_dir: Path, split: dict[str, list[Sample]],
+                 labels: Sequence[str], settings: PatchSettings, parts: Sequence[str]
+                 ) -> dict[str, ScoredSplit]:
+    """The image probabilities, scores and served metrics of ``parts`` of ``split`` under
+    ``settings`` (top_k, views, calibration, bilateral rule and operating point fixed)."""
+    out = {}
+    for part in parts:
+        records = build_records(data_dir, split[part], labels, settings)
+        rows, scores = [], []
+        for patch_probabilities, _ in image_outputs(network, records, settings, settings.views):
+            image_p, top = image_probabilities(patch_probabilities, settings)
+            rows.append(image_p)
+            scores.append(top_score(patch_probabilities, top))
+        probabilities = bilateral_rows(np.asarray(rows), scores,
+                                       [r.sample.group for r in records], settings)
+        targets = np.array([r.target for r in records])
+        out[part] = ScoredSplit(probabilities=probabilities, targets=targets,
+                                scores=np.asarray(scores),
+                                metrics=served_metrics(probabilities, targets, labels, settings))
+    return out
+
+
 def val_metrics(run: MammoRun, labels: Sequence[str]) -> dict[str, Any]:
-    return evaluation_metrics(run.val_probabilities, run.val_targets, labels)
+    return served_metrics(run.val_probabilities, run.val_targets, labels, run.settings)
 
 
 def _plot_curves(history: Sequence[dict[str, float]], best_epoch: int, path: Path) -> None:
@@ -548,13 +589,14 @@ def benign_vs_malignant_auc(probabilities: np.ndarray, targets: np.ndarray) -> f
     return float(roc_auc_score(truth, share))
 
 
-def postprocessing_text(settings: PatchSettings) -> str:
-    """The card's description of how patch outputs become image probabilities."""
+def postprocessing_text(settings: PatchSettings, fitted_on: str = "validation") -> str:
+    """The card's description of how patch outputs become image probabilities and labels;
+    ``fitted_on`` names what the calibration was fitted on."""
     text = (
         f"patch softmax (averaged over {settings.views} flips of each patch; 1 or 4 chosen on "
         "validation) -> lesion probability p(benign)+p(malignant) per patch -> image "
         f"score = mean of the top {settings.top_k} patches -> p(abnormal) = "
-        "sigmoid(platt_a * logit(score) + platt_b) (Platt, fitted on validation) -> "
+        f"sigmoid(platt_a * logit(score) + platt_b) (Platt, fitted on {fitted_on}) -> "
         "p(malignant) = p(abnormal) * mean malignant share of the top patches, "
         "p(benign) = the rest of p(abnormal)"
     )
@@ -564,9 +606,16 @@ def postprocessing_text(settings: PatchSettings) -> str:
             "p(abnormal) = sigmoid(bilateral_a * (its score - "
             f"{settings.bilateral_lambda:g} x the other breast's score) + bilateral_b) "
             f"(a={settings.bilateral_a:.4f}, b={settings.bilateral_b:.4f}, fitted on the "
-            "validation pairs); the metrics below use that rule for every image whose partner "
-            "is in the same split (all of mini-MIAS), as the node would for a two-breast study"
+            f"pairs of {fitted_on}); the metrics below use that rule for every image whose "
+            "partner is in the same split (all of mini-MIAS), as the node would for a "
+            "two-breast study"
         )
+    if settings.abnormal_threshold is None:
+        text += ". Label: the largest of the three probabilities"
+    else:
+        text += (f". Label (operating point): abnormal when p(abnormal) >= "
+                 f"{settings.abnormal_threshold:.4f}, then benign or malignant by the larger "
+                 "probability; normal otherwise")
     return text
 
 
@@ -649,9 +698,11 @@ def train_and_write(
         val_ood = scorer.score(run.embeddings["val"])
         threshold = float(np.percentile(val_ood, OOD_PERCENTILE))
         test_ood_rate = float(np.mean(scorer.score(run.embeddings["test"]) > threshold))
-        val_result = evaluation_metrics(run.val_probabilities, run.val_targets, labels)
+        val_result = served_metrics(run.val_probabilities, run.val_targets, labels,
+                                    run.settings)
         # The test split is evaluated once, here, with everything chosen on validation.
-        test_result = evaluation_metrics(run.test_probabilities, run.test_targets, labels)
+        test_result = served_metrics(run.test_probabilities, run.test_targets, labels,
+                                     run.settings)
         training_seconds = time.monotonic() - started
 
         weights_path = out_dir / f"{name}.pt"

@@ -235,3 +235,69 @@ def test_evaluate_scores_each_breast_against_the_other_with_pairs(
     (no_rule / "mg_mias.json").write_text(json.dumps(card))
     with pytest.raises(EvaluationError, match="no bilateral rule"):
         evaluate_folder("MG", tiny_mias, model=no_rule, pairs=tiny_mias / "labels.csv")
+
+
+def test_recalibrate_fits_the_operating_point_on_out_of_fold_maps(
+    tiny_model: Path, tiny_mias: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from inference.datasets import read_mias, split_by_group
+    from inference.evaluate import evaluate_folder
+    from inference.mammo_cv import (
+        cross_validated_calibration,
+        load_images,
+        recalibrate,
+        write_fold,
+    )
+    from inference.train_mammo import build_records, image_outputs
+
+    card = ModelCard.from_file(tiny_model)
+    settings = PatchSettings.from_mapping(card.data["patch_model"])
+    split = split_by_group(read_mias(tiny_mias), seed=int(card.data["split"]["seed"]),
+                           labels=MIAS_LABELS)
+    classifier = classifier_from_card(card)
+    with (tiny_mias / "labels.csv").open(newline="") as handle:
+        sides = {row["path"]: row["side"] for row in csv.DictReader(handle)}
+
+    def maps(samples: list) -> list[dict]:  # type: ignore[type-arg]
+        records = build_records(tiny_mias, samples, MIAS_LABELS, settings)
+        outputs = image_outputs(classifier.module, records, settings)
+        return [{"path": r.sample.path, "patient": r.sample.group, "side": sides[r.sample.path],
+                 "target": r.target, "p": p, "centres": r.grid, "shape": r.view.tissue.shape}
+                for r, (p, _) in zip(records, outputs, strict=True)]
+
+    # Stand-ins for out-of-fold maps: the tiny model's own maps of the development images
+    # (bench/mg_cv.py makes the real ones with fold models; what is fitted on them is the same).
+    development = split["train"] + split["val"]
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    write_fold(cv / "fold0.npz", maps(development))
+    new = recalibrate(tiny_model, [cv], tmp_path / "out", data_dir=tiny_mias, version="9.9.9",
+                      threads=1)
+    data = json.loads(new.read_text())
+    expected = cross_validated_calibration(load_images(cv), settings)
+    threshold = data["patch_model"]["abnormal_threshold"]
+    assert threshold == pytest.approx(expected.abnormal_threshold)
+    assert data["patch_model"]["bilateral_a"] == pytest.approx(expected.bilateral_a)
+    assert data["version"] == "9.9.9" and data["sha256"] == card.sha256
+    assert data["operating_point"]["fitted_on"].startswith(f"{len(development)} development")
+    assert "operating point" in data["postprocessing"]
+    # AUCs are of the probabilities, unchanged by a monotone recalibration of paired breasts
+    assert data["metrics"]["val"]["auc_abnormal"] == pytest.approx(
+        card.data["metrics"]["val"]["auc_abnormal"], abs=1e-9)
+    # the node serves labels by the operating point, and evaluate scores those labels
+    served = classifier_from_card(ModelCard.from_file(new))
+    for sample in split["test"] + split["val"]:
+        prediction = served.predict(np.asarray(Image.open(tiny_mias / sample.path)))
+        assert (prediction.label != "normal") == (
+            1.0 - prediction.probabilities["normal"] >= threshold)
+    result = evaluate_folder("MG", tiny_mias, model=new.parent)
+    matrix = np.array(result["confusion_matrix"])
+    assert matrix.sum() == 36 and result["accuracy"] == pytest.approx(np.trace(matrix) / 36)
+    # maps that hold a test image are refused: the test split must stay unseen
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    write_fold(leaky / "fold0.npz", maps(development + split["test"][:1]))
+    with pytest.raises(ValueError, match="test split"):
+        recalibrate(tiny_model, [leaky], tmp_path / "out2", data_dir=tiny_mias, threads=1)
