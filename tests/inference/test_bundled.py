@@ -1,10 +1,10 @@
 """Bundled models: they load, their checksums match, missing modalities are reported.
 
-The MG patch model is a candidate, not bundled (inference/candidates/README.md: an ensemble of
-three patch models whose test AUC normal-vs-abnormal is 0.66 and which labels every test
-mammogram normal): these tests load it from there, as a site would with ``model_dirs``, to
-check that the patch classifier serves real trained weights and that its card's figures are
-reproducible."""
+All three modalities have a bundled model. The MG one (mg_mias 1.2.0, an ensemble of three patch
+models with an operating point fitted out of fold; test AUC normal-vs-abnormal 0.66, below the
+0.75 target, docs/MODELS.md) is checked to serve real trained weights and to reproduce its
+card's test figures, labels by its operating point included. ``inference/candidates/`` (models
+that did not earn a place) is checked too, when it holds any."""
 
 from __future__ import annotations
 
@@ -37,11 +37,10 @@ REQUIRED_CARD_KEYS = (
 CANDIDATES_DIR = BUNDLED_DIR.parent / "candidates"
 
 
-def test_ultrasound_and_pathology_models_are_bundled_mammography_is_not() -> None:
+def test_every_modality_has_a_bundled_model() -> None:
     cards = bundled_cards()
-    assert {"US", "SM"} <= {card.modality for card in cards}
-    with pytest.raises(ModelNotAvailableError):
-        load_bundled("MG")
+    assert {card.modality for card in cards} == {"US", "SM", "MG"}
+    assert load_bundled("MG").card.name == "mg_mias"
 
 
 @pytest.mark.parametrize(
@@ -101,8 +100,8 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
         load_bundled("US", directory=tmp_path)
 
 
-def test_candidate_mg_serves_a_mammogram(mias_dir: Path) -> None:
-    classifier = load_bundled("MG", directory=CANDIDATES_DIR)
+def test_bundled_mg_serves_a_mammogram(mias_dir: Path) -> None:
+    classifier = load_bundled("MG")
     assert isinstance(classifier, MammoPatchClassifier)
     assert classifier.labels == MIAS_LABELS
     image = load_image(mias_dir / "malignant" / "mdb023.png")[..., 0]  # a right breast, 1024 px
@@ -119,11 +118,12 @@ def test_candidate_mg_serves_a_mammogram(mias_dir: Path) -> None:
     assert classifier.predict(np.zeros((512, 400), dtype=np.uint8)).not_assessable
 
 
-def test_candidate_mg_reproduces_its_test_figures(mias_dir: Path) -> None:
-    """The candidate MG model on its own held-out patients: the card's figures, re-measured."""
+def test_bundled_mg_reproduces_its_test_figures(mias_dir: Path) -> None:
+    """The bundled MG model on its own held-out patients: the card's figures, re-measured, the
+    labels by its operating point (not the argmax)."""
     from sklearn.metrics import roc_auc_score
 
-    classifier = load_bundled("MG", directory=CANDIDATES_DIR)
+    classifier = load_bundled("MG")
     card = classifier.card.data
     split = split_by_group(read_mias(mias_dir), seed=int(card["split"]["seed"]),
                            labels=MIAS_LABELS)
@@ -140,6 +140,10 @@ def test_candidate_mg_reproduces_its_test_figures(mias_dir: Path) -> None:
     abnormal = [s.label != "normal" for s in test]
     auc = roc_auc_score(abnormal, 1.0 - rows[:, 0])
     assert auc == pytest.approx(card["metrics"]["test"]["auc_abnormal"], abs=0.02)
-    labels = [MIAS_LABELS[int(i)] for i in np.argmax(rows, axis=1)]
+    threshold = card["patch_model"]["abnormal_threshold"]
+    assert threshold is not None
+    labels = [MIAS_LABELS[0] if 1.0 - row[0] < threshold else MIAS_LABELS[1 + int(row[1:].argmax())]
+              for row in rows]
+    assert sum(label != "normal" for label in labels) > 0
     accuracy = np.mean([label == s.label for label, s in zip(labels, test, strict=True)])
     assert accuracy == pytest.approx(card["metrics"]["test"]["accuracy"], abs=0.03)

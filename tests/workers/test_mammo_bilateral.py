@@ -3,9 +3,9 @@
 A study with both breasts: with a card whose ``patch_model.bilateral_lambda`` is 1, each
 breast's probabilities come from its score minus the other breast's (``workers.mammo``
 calls ``MammoPatchClassifier.bilateral_finding``); without it, or with one breast only, the
-breast's finding is the mean of its views as before. The classifier is the trained MG candidate
-(inference/candidates: not bundled, its verdicts are not trusted here); what is checked is the
-arithmetic and who gets compared with whom, on real mini-MIAS mammograms as DICOM.
+breast's finding is the mean of its views as before. The classifier is the bundled MG model
+(its verdicts are not what is tested: test AUC 0.66); what is checked is the arithmetic and who
+gets compared with whom, on real mini-MIAS mammograms as DICOM.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from inference.mammo_patches import MammoPatchClassifier, classifier_from_card
 from inference.paths import BUNDLED_DIR
 from workers.mammo import analyse_series
 
-CANDIDATE = BUNDLED_DIR.parent / "candidates" / "mg_mias.json"
+CANDIDATE = BUNDLED_DIR / "mg_mias.json"
 BILATERAL = {"bilateral_lambda": 1.0, "bilateral_a": 6.0, "bilateral_b": -1.5}
 
 
