@@ -305,6 +305,18 @@ class MammoPatchClassifier(Classifier):
         self.ood_scorer = ood_scorer
         self.ood_threshold = float(card.ood.get("threshold", math.inf))
 
+    def with_backend(self, backend: str) -> MammoPatchClassifier:
+        """The patch model stays in eager PyTorch whatever ``inference_backend`` says: its
+        network runs on batches of patches (``patch_forward``), not through the whole-image
+        trunk that ``Classifier.with_backend`` compiles. An unknown backend is still refused."""
+        from inference.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown inference backend {backend!r} "
+                             f"(one of {', '.join(BACKENDS)})")
+        self.backend = "eager"
+        return self
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """The (N, 1, P, P) patches of the image's breast grid."""
         view = working_view(image, self.settings.working_height)

@@ -12,8 +12,12 @@ from PIL import Image
 
 from inference import Classifier, ModelCard, bundled_cards
 from inference.backends import compile_features
+from inference.mammo_patches import MammoPatchClassifier, classifier_from_card, is_patch_card
 
-_CARDS = [card for card in bundled_cards() if card.modality in {"US", "SM", "MG"}]
+# Whole-image models; the MG patch model stays eager (test below).
+_CARDS = [card for card in bundled_cards()
+          if card.modality in {"US", "SM", "MG"} and not is_patch_card(card)]
+_PATCH_CARDS = [card for card in bundled_cards() if is_patch_card(card)]
 
 
 def _images(card: ModelCard, shared_data: Path, count: int = 6) -> list[np.ndarray]:
@@ -52,6 +56,16 @@ def test_backend_matches_eager_on_real_images(
     # a different batch size than the one traced/exported with
     single = fast.predict(images[0])
     assert abs(single.probability - expected[0].probability) <= 1e-4
+
+
+@pytest.mark.skipif(not _PATCH_CARDS, reason="no bundled patch model (MG)")
+def test_the_patch_model_stays_eager_and_refuses_unknown_backends() -> None:
+    classifier = classifier_from_card(_PATCH_CARDS[0])
+    assert isinstance(classifier, MammoPatchClassifier)
+    for backend in ("torchscript", "onnx", "eager"):
+        assert classifier.with_backend(backend).backend == "eager"
+    with pytest.raises(ValueError, match="unknown inference backend 'tensorrt'"):
+        classifier.with_backend("tensorrt")
 
 
 def test_unknown_backend_is_refused() -> None:
