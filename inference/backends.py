@@ -38,11 +38,16 @@ class _Trunk(nn.Module):
         return self.network.forward_features(x)  # type: ignore[operator]
 
 
+def check_backend(backend: str) -> None:
+    """ValueError naming the known backends unless ``backend`` is one of them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown inference backend {backend!r} (one of {', '.join(BACKENDS)})")
+
+
 def compile_features(network: nn.Module, backend: str, example: torch.Tensor) -> FeatureFunction:
     """``network.forward_features`` through ``backend``; ``example`` is one input (N, C, H, W)
     of the right channels and size. Raises ValueError for an unknown backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown inference backend {backend!r} (one of {', '.join(BACKENDS)})")
+    check_backend(backend)
     trunk = _Trunk(network).eval()
     if backend == "eager":
         return trunk

@@ -309,11 +309,9 @@ class MammoPatchClassifier(Classifier):
         """The patch model stays in eager PyTorch whatever ``inference_backend`` says: its
         network runs on batches of patches (``patch_forward``), not through the whole-image
         trunk that ``Classifier.with_backend`` compiles. An unknown backend is still refused."""
-        from inference.backends import BACKENDS
+        from inference.backends import check_backend
 
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown inference backend {backend!r} "
-                             f"(one of {', '.join(BACKENDS)})")
+        check_backend(backend)
         self.backend = "eager"
         return self
 
