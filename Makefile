@@ -55,7 +55,7 @@ typecheck: install-test
 
 ## make test: everything CI runs.
 test: system-deps install-test lint typecheck
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 ## make models: retrain the bundled models from ../shared/data (about 2 h on 2 cores), into
 ## runs/models/; copy <name>.pt, <name>.json and <name>_ood.npz into inference/bundled/ to ship.

@@ -61,6 +61,15 @@ PATCH_NETWORK_PARAMS: dict[str, Any] = {
     "in_channels": 1, "num_classes": 3, "widths": [16, 32, 64, 128],
     "blocks_per_stage": 1, "dropout": 0.3, "stem_pool": True,
 }
+
+
+def patch_network_params(architecture: str, patch: int) -> dict[str, Any]:
+    """Constructor arguments of the patch network: the recipe's BusiCNN widths, or any other
+    architecture of ``inference.networks`` at the ``patch`` size, one grey channel and the three
+    patch classes (tissue, benign lesion, malignant lesion)."""
+    if architecture == "BusiCNN":
+        return dict(PATCH_NETWORK_PARAMS)
+    return {"in_channels": 1, "num_classes": 3, "input_size": patch}
 #: The bilateral rule's weight of the other breast: 1, fixed before the cross-validation of
 #: ``bench/mg_cv.py`` measured it (AUC +0.12 over the single-image rule, docs/MODELS.md).
 BILATERAL_LAMBDA = 1.0
@@ -687,7 +696,7 @@ def train_and_write(
         if limit is not None:
             split = {k: _limit_groups(v, limit) for k, v in split.items()}
         settings = recipe_settings(size)
-        params = dict(PATCH_NETWORK_PARAMS)
+        params = patch_network_params(architecture, settings.patch)
         run = train_patch_model(
             data_dir, split, labels, architecture=architecture, params=params,
             settings=settings, epochs=epochs, lr=lr, weight_decay=weight_decay,

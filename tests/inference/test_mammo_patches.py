@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from inference import ModelCard, load_bundled
+from inference.card import sha256_file
 from inference.datasets import MIAS_LABELS, read_mias_lesions
 from inference.mammo_patches import (
     MammoPatchClassifier,
@@ -22,8 +24,9 @@ from inference.mammo_patches import (
     image_probabilities,
     working_view,
 )
+from inference.networks import ARCHITECTURES, build_network
 from inference.train import train
-from inference.train_mammo import lesion_positions
+from inference.train_mammo import lesion_positions, patch_network_params
 
 SIZE = 256
 
@@ -168,6 +171,49 @@ def test_classifier_serves_a_mammogram(tiny_model: Path, tiny_mias: Path) -> Non
     assert blank.not_assessable and blank.heatmap.shape == (300, 200)
     with pytest.raises(ValueError, match="uint8"):
         classifier.predict(np.zeros((64, 64), dtype=np.float32))
+
+
+def test_another_architecture_trains_as_the_patch_network(
+    tiny_mias: Path, tmp_path: Path
+) -> None:
+    """``breastcad train --modality MG --arch NAME``: a network other than the recipe's BusiCNN
+    is built at the patch size (one grey channel, three patch classes), trained, written to the
+    card and rebuilt from it for serving."""
+    card_path = train("MG", tiny_mias, tmp_path, architecture="cnn-rnn", epochs=1, seed=0,
+                      max_minutes=600.0, limit=2)
+    card = json.loads(card_path.read_text())
+    assert card["architecture"] == "CnnRnn"
+    assert card["architecture_params"] == {
+        "in_channels": 1, "num_classes": 3, "input_size": card["patch_model"]["patch"]}
+    classifier = classifier_from_card(ModelCard.from_file(card_path))
+    assert type(classifier.module).__name__ == "CnnRnn"
+    prediction = classifier.predict(np.asarray(Image.open(tiny_mias / "benign" / "mdb001.png")))
+    assert prediction.label in MIAS_LABELS and prediction.ood_score is not None
+
+
+@pytest.mark.parametrize(
+    "architecture", sorted(set(ARCHITECTURES) - {"BusiCNN", "SeedEnsemble"}))
+def test_every_architecture_serves_as_the_patch_network(
+    architecture: str, tiny_model: Path, tiny_mias: Path, tmp_path: Path
+) -> None:
+    """Each network of ``inference.networks`` with ``patch_network_params`` slides over a
+    mammogram as the patch network: a card naming it (seeded untrained weights, the tiny
+    model's pooling) is served with probabilities and a heatmap over the breast only."""
+    torch.manual_seed(0)
+    params = patch_network_params(architecture, PatchSettings().patch)
+    network = build_network(architecture, params)
+    torch.save(network.state_dict(), tmp_path / "mg_arch.pt")
+    card = json.loads(tiny_model.read_text())
+    card.update(architecture=architecture, architecture_params=params, weights="mg_arch.pt",
+                sha256=sha256_file(tmp_path / "mg_arch.pt"), ood={})
+    (tmp_path / "mg_arch.json").write_text(json.dumps(card))
+    classifier = classifier_from_card(ModelCard.from_file(tmp_path / "mg_arch.json"))
+    image = np.asarray(Image.open(tiny_mias / "benign" / "mdb001.png"))  # a right breast
+    prediction = classifier.predict(image)
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert prediction.heatmap.shape == image.shape
+    assert prediction.heatmap.max() > 0.0
+    assert prediction.heatmap[:, : SIZE // 4].max() == 0.0
 
 
 def test_evaluate_and_load_bundled_take_the_patch_card(tiny_model: Path, tiny_mias: Path) -> None:
