@@ -114,8 +114,15 @@ def evaluate_command(
     pairs: Annotated[
         Path | None,
         typer.Option(help="MG: CSV with path, patient_id, side (mini-MIAS labels.csv has them); "
-                     "each breast is then scored against the woman's other breast."),
+                     "each breast is then scored against the woman's other breast. Without "
+                     "it: DATA/labels.csv when it has those columns, else the DICOM files' "
+                     "PatientID and laterality."),
     ] = None,
+    single_images: Annotated[
+        bool,
+        typer.Option("--single-images",
+                     help="MG: score every image alone, even where its other breast is known."),
+    ] = False,
 ) -> None:
     """Evaluate a model on a folder of labelled images (PNG, JPEG, TIFF or DICOM)."""
     from tqdm import tqdm
@@ -125,7 +132,8 @@ def evaluate_command(
 
     bar = tqdm(desc="evaluate", unit="img", disable=json_out)
     try:
-        result = evaluate_folder(modality, data, model, progress=bar.update, pairs=pairs)
+        result = evaluate_folder(modality, data, model, progress=bar.update, pairs=pairs,
+                                 pair_breasts=not single_images)
     except (EvaluationError, ModelNotAvailableError, ValueError) as exc:
         bar.close()
         typer.echo(f"error: {exc}", err=True)
@@ -145,4 +153,7 @@ def evaluate_command(
         typer.echo(f"  (ECE of a perfectly calibrated model on this many images: mean "
                    f"{reference['mean']:.4f}, 95th percentile {reference['p95']:.4f})")
     typer.echo(f"  not assessable     {result['not_assessable']}")
+    if result.get("pairs_from") is not None:
+        typer.echo(f"  breasts compared   {result['bilateral_compared']} "
+                   f"(pairs from {result['pairs_from']})")
     typer.echo("  confusion matrix (rows = truth): " + json.dumps(result["confusion_matrix"]))

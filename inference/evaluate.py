@@ -3,6 +3,13 @@
 The folder holds one sub-folder per label, named exactly as the model card's labels (US and MG:
 ``normal``, ``benign``, ``malignant``; histopathology patches: ``non_idc``, ``idc``), with PNG,
 JPEG, TIFF or DICOM files inside. Without a model path the bundled model of the modality is used.
+
+Mammography: a model with a bilateral rule scores each breast against the woman's other breast,
+as the node does for a two-breast study. Which images are one woman's two breasts comes from the
+``pairs`` CSV when given, else from the folder's own ``labels.csv`` when it has the columns
+``path``, ``patient_id`` and ``side`` (mini-MIAS's has), else from the DICOM files' PatientID and
+ImageLaterality (or Laterality); ``pair_breasts=False`` scores every image alone. The result says
+where the pairs came from (``pairs_from``) and how many images were compared.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from inference.bundled import load_bundled
 from inference.card import ModelCard
 from inference.classifier import Classifier
-from inference.dicom_pixels import image_from_file
+from inference.dicom_pixels import image_from_file, image_laterality
 from inference.mammo_patches import MammoPatchClassifier, classifier_from_card
 from inference.metrics import evaluation_metrics
 from inference.prediction import Prediction
@@ -90,14 +99,44 @@ def read_pairs(pairs: Path) -> dict[str, tuple[str, str]]:
     return {row["path"]: (row["patient_id"], row["side"].strip().upper()) for row in rows}
 
 
+def has_bilateral_rule(classifier: Classifier) -> bool:
+    """Whether the model scores a breast against the other one (``patch_model.bilateral_*``)."""
+    return (isinstance(classifier, MammoPatchClassifier)
+            and classifier.settings.bilateral_lambda > 0)
+
+
+def found_pairs(data_dir: Path, files: list[tuple[Path, str]]
+                ) -> tuple[dict[str, tuple[str, str]], str] | None:
+    """``(path -> (woman, side), source)`` found without a pairs file: the folder's own
+    ``labels.csv`` when it has the columns ``path``, ``patient_id`` and ``side``, else the
+    PatientID and laterality of its DICOM files; None when neither names anyone's breast."""
+    own = data_dir / "labels.csv"
+    if own.is_file():
+        try:
+            return read_pairs(own), "labels.csv"
+        except EvaluationError:
+            pass  # a labels.csv of another layout says nothing about pairs
+    found: dict[str, tuple[str, str]] = {}
+    for path, _ in files:
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            continue  # image_from_file reports an unreadable file when it reads the pixels
+        woman, side = str(ds.get("PatientID", "") or "").strip(), image_laterality(ds)
+        if woman and side is not None:
+            found[path.relative_to(data_dir).as_posix()] = (woman, side)
+    return (found, "dicom") if found else None
+
+
 def compare_breasts(
     classifier: Classifier, predictions: list[Prediction], relative_paths: list[str],
     pairs: dict[str, tuple[str, str]],
 ) -> tuple[list[Prediction], int]:
     """Each image with a partner (same ``patient_id``, the other ``side``) compared with it by
     the model's bilateral rule, as the node compares a study's two breasts; the count compared."""
-    if not (isinstance(classifier, MammoPatchClassifier)
-            and classifier.settings.bilateral_lambda > 0):
+    if not (isinstance(classifier, MammoPatchClassifier) and has_bilateral_rule(classifier)):
         raise EvaluationError(f"model {classifier.card.name} has no bilateral rule "
                               "(patch_model.bilateral_lambda): --pairs does not apply")
     by_breast: dict[tuple[str, str], list[int]] = {}
@@ -124,17 +163,29 @@ def evaluate_folder(
     batch_size: int = 64,
     progress: Callable[[int], object] | None = None,
     pairs: Path | None = None,
+    pair_breasts: bool = True,
 ) -> dict[str, Any]:
     """Classify every image of ``data_dir`` and return the metrics (``evaluation_metrics``)
     plus the model's name/version/sha256, the number flagged not assessable and images/s.
 
     ``pairs`` (MG): a CSV naming each image's woman and side; images with a partner are then
     scored by the model's bilateral rule (``compare_breasts``), and ``bilateral_compared`` says
-    how many were."""
+    how many were. Without it, a model with a bilateral rule takes the pairs ``found_pairs``
+    finds, unless ``pair_breasts`` is False; ``pairs_from`` names the source (None: each image
+    was scored alone)."""
     classifier = load_model(modality, model)
     labels = classifier.labels
     files = labelled_files(data_dir, labels)
-    pairing = read_pairs(pairs) if pairs is not None else None
+    pairing: dict[str, tuple[str, str]] | None = None
+    pairs_from: str | None = None
+    if pairs is not None:
+        if not pair_breasts:
+            raise EvaluationError("a pairs file and single-image scoring exclude each other")
+        pairing, pairs_from = read_pairs(pairs), str(pairs)
+    elif pair_breasts and has_bilateral_rule(classifier):
+        found = found_pairs(data_dir, files)
+        if found is not None:
+            pairing, pairs_from = found
     predictions: list[Prediction] = []
     not_assessable = 0
     started = time.perf_counter()
@@ -168,6 +219,7 @@ def evaluate_folder(
         "sha256": classifier.card.sha256,
     }
     result["not_assessable"] = not_assessable
+    result["pairs_from"] = pairs_from
     if compared is not None:
         result["bilateral_compared"] = compared
     result["images_per_second"] = len(files) / seconds if seconds > 0 else None

@@ -265,8 +265,21 @@ def test_evaluate_scores_each_breast_against_the_other_with_pairs(
             single_image[q].not_assessable for q in single_image
             if woman[q] == woman[p] and q != p)) for p in single_image)
     assert result["auc_abnormal"] == pytest.approx(roc_auc_score(truth, abnormal), abs=1e-9)
-    single = evaluate_folder("MG", tiny_mias, model=tiny_model.parent)
-    assert "bilateral_compared" not in single
+    # single-image scoring when asked: each image's own p(abnormal)
+    single = evaluate_folder("MG", tiny_mias, model=tiny_model.parent, pair_breasts=False)
+    assert "bilateral_compared" not in single and single["pairs_from"] is None
+    assert single["auc_abnormal"] == pytest.approx(roc_auc_score(
+        truth, [1 - single_image[p].probabilities["normal"] for p in sorted(single_image)]),
+        abs=1e-9)
+    with pytest.raises(EvaluationError, match="exclude"):
+        evaluate_folder("MG", tiny_mias, model=tiny_model.parent,
+                        pairs=tiny_mias / "labels.csv", pair_breasts=False)
+    # without a pairs file, the folder's own labels.csv pairs the breasts as --pairs does
+    found = evaluate_folder("MG", tiny_mias, model=tiny_model.parent)
+    assert found["pairs_from"] == "labels.csv" and result["pairs_from"].endswith("labels.csv")
+    assert found["bilateral_compared"] == result["bilateral_compared"]
+    assert found["auc_abnormal"] == result["auc_abnormal"]
+    assert found["confusion_matrix"] == result["confusion_matrix"]
     # a pairs file without the columns, and a model without the rule, are clear errors
     bad = tmp_path / "pairs.csv"
     bad.write_text("path,side\nbenign/mdb001.png,R\n")
@@ -281,6 +294,46 @@ def test_evaluate_scores_each_breast_against_the_other_with_pairs(
     (no_rule / "mg_mias.json").write_text(json.dumps(card))
     with pytest.raises(EvaluationError, match="no bilateral rule"):
         evaluate_folder("MG", tiny_mias, model=no_rule, pairs=tiny_mias / "labels.csv")
+
+
+def test_evaluate_pairs_dicom_mammograms_by_patient_id_and_laterality(
+    tiny_model: Path, tiny_mias: Path, tmp_path: Path
+) -> None:
+    """A folder of DICOM mammograms and no pairs file: PatientID and ImageLaterality pair the
+    breasts, exactly as a pairs CSV naming the same women and sides does; a labels.csv of
+    another layout is no pairs file. ``breastcad evaluate --single-images`` scores them alone."""
+    from pydicom.uid import generate_uid
+    from support.dicom_factory import mias_as_mammogram, write_dataset
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+    from inference.evaluate import evaluate_folder
+
+    rows = [line.split(",") for line in (tiny_mias / "labels.csv").read_text().splitlines()[1:]]
+    folder = tmp_path / "dicom"
+    pairs = ["path,patient_id,side"]
+    for path, _ref, woman, side, *_rest in rows[:12]:  # six women, both breasts each
+        relative = f"{path.split('/')[0]}/{Path(path).stem}.dcm"
+        write_dataset(mias_as_mammogram(
+            tiny_mias / path, side="L" if side == "L" else "R", view="MLO", patient_id=woman,
+            study_instance_uid=generate_uid(), series_instance_uid=generate_uid()),
+            folder / relative)
+        pairs.append(f"{relative},{woman},{side}")
+    (folder / "labels.csv").write_text("path,label\n")
+    (tmp_path / "pairs.csv").write_text("\n".join(pairs) + "\n")
+    found = evaluate_folder("MG", folder, model=tiny_model.parent)
+    explicit = evaluate_folder("MG", folder, model=tiny_model.parent, pairs=tmp_path / "pairs.csv")
+    assert found["pairs_from"] == "dicom" and found["n"] == 12
+    assert found["bilateral_compared"] == explicit["bilateral_compared"] > 0
+    assert found["auc_abnormal"] == explicit["auc_abnormal"]
+    assert found["confusion_matrix"] == explicit["confusion_matrix"]
+    run = CliRunner().invoke(app, ["evaluate", "--modality", "MG", "--data", str(folder),
+                                   "--model", str(tiny_model.parent), "--json",
+                                   "--single-images"])
+    assert run.exit_code == 0, run.output
+    alone = json.loads(run.stdout.strip().splitlines()[-1])
+    assert alone["pairs_from"] is None and "bilateral_compared" not in alone
+    assert alone["n"] == 12
 
 
 def test_recalibrate_fits_the_operating_point_on_out_of_fold_maps(
