@@ -32,9 +32,9 @@ import numpy.typing as npt
 
 from inference.mammo_patches import (
     PatchSettings,
+    bilateral_abnormal,
     bilateral_differences,
-    logit,
-    sigmoid,
+    single_image_abnormal,
     topk_mean,
 )
 
@@ -161,15 +161,13 @@ def abnormal_probabilities(scores: np.ndarray, women: Sequence[str], settings: P
                            ) -> npt.NDArray[np.float64]:
     """p(abnormal) of each image under ``settings``: the bilateral logistic where the woman's
     other breast is among the images, Platt scaling of the score otherwise."""
-    single = np.array([sigmoid(settings.platt_a * float(logit(s)) + settings.platt_b)
-                       for s in scores])
+    single = np.array([single_image_abnormal(float(s), settings) for s in scores])
     if settings.bilateral_lambda <= 0:
         return single
     differences = bilateral_differences(scores, women, settings.bilateral_lambda)
     paired = ~np.isnan(differences)
     out = single.copy()
-    out[paired] = [sigmoid(settings.bilateral_a * float(d) + settings.bilateral_b)
-                   for d in differences[paired]]
+    out[paired] = [bilateral_abnormal(float(d), settings) for d in differences[paired]]
     return out
 
 

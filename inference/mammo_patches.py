@@ -254,6 +254,17 @@ def bilateral_differences(scores: Sequence[float] | np.ndarray, women: Sequence[
     return out
 
 
+def single_image_abnormal(score: float, settings: PatchSettings) -> float:
+    """p(abnormal) of an image alone: Platt scaling of its top-k ``score``."""
+    return sigmoid(settings.platt_a * float(logit(score)) + settings.platt_b)
+
+
+def bilateral_abnormal(difference: float, settings: PatchSettings) -> float:
+    """p(abnormal) of a breast from the ``difference`` of its score and the other breast's
+    (``bilateral_differences``): the card's bilateral logistic."""
+    return sigmoid(settings.bilateral_a * difference + settings.bilateral_b)
+
+
 def bilateral_row(row: np.ndarray, difference: float, settings: PatchSettings
                   ) -> npt.NDArray[np.float64]:
     """(normal, benign, malignant) of a breast under the bilateral rule: p(abnormal) from the
@@ -261,7 +272,7 @@ def bilateral_row(row: np.ndarray, difference: float, settings: PatchSettings
     (its single-image probabilities) kept."""
     lesion = float(row[1] + row[2])
     share = float(row[2]) / lesion if lesion > 0 else 0.5
-    return split_abnormal(sigmoid(settings.bilateral_a * difference + settings.bilateral_b), share)
+    return split_abnormal(bilateral_abnormal(difference, settings), share)
 
 
 def image_probabilities(
@@ -273,7 +284,7 @@ def image_probabilities(
     k = max(1, min(settings.top_k, lesion.size))
     top = np.argsort(-lesion, kind="stable")[:k]
     score = float(lesion[top].mean())
-    abnormal = sigmoid(settings.platt_a * float(logit(score)) + settings.platt_b)
+    abnormal = single_image_abnormal(score, settings)
     return split_abnormal(abnormal, malignant_share(patch_probabilities, top)), top.astype(
         np.int64)
 
