@@ -97,15 +97,16 @@ def image_abnormalities(data_dir: Path) -> dict[str, str]:
 
 def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threads: int,
                 epochs: int, last_epoch: bool, bilateral_selection: bool, seed: int,
-                working_height: int | None) -> None:
+                working_height: int | None, architecture: str = "BusiCNN") -> None:
     import torch
     from monai.utils import set_determinism
 
     from inference.mammo_patches import PatchSettings
+    from inference.networks import resolve_architecture
     from inference.train_mammo import (
-        PATCH_NETWORK_PARAMS,
         build_records,
         image_outputs,
+        patch_network_params,
         recipe_settings,
         train_patch_model,
     )
@@ -119,7 +120,8 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
                 else recipe_settings(working_height=working_height))
     if not bilateral_selection:
         settings = PatchSettings(**{**settings.as_dict(), "bilateral_lambda": 0.0})
-    params = dict(PATCH_NETWORK_PARAMS)
+    architecture = resolve_architecture(architecture)
+    params = patch_network_params(architecture, settings.patch)
     for fold, held in enumerate(parts):
         target = out / f"fold{fold}.npz"
         if target.exists():
@@ -129,12 +131,12 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
         inner = split_by_group(rest, seed=SEED + 1 + fold, fractions=(0.8, 0.2, 0.0),
                                labels=MIAS_LABELS)
         split = {"train": inner["train"], "val": inner["val"], "test": held}
-        print(f"fold {fold}: train {len(inner['train'])} val {len(inner['val'])} "
-              f"held out {len(held)} images", flush=True)
+        print(f"fold {fold} ({architecture}): train {len(inner['train'])} val "
+              f"{len(inner['val'])} held out {len(held)} images", flush=True)
         set_determinism(seed=seed + fold)
         started = time.monotonic()
         run = train_patch_model(
-            data_dir, split, MIAS_LABELS, architecture="BusiCNN", params=params,
+            data_dir, split, MIAS_LABELS, architecture=architecture, params=params,
             settings=settings, epochs=epochs, lr=2e-3, weight_decay=0.05, batch_size=64,
             patience=15, max_minutes=max_minutes, seed=seed + fold, started=started,
             select_epoch=not last_epoch,
@@ -282,6 +284,8 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float, default=6.0,
                         help="training budget per fold")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arch", default="BusiCNN",
+                        help="patch network (an --arch of breastcad train; default: the recipe's)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--working-height", type=int, default=None,
                         help="rows of the working image (default: the recipe's; 256 gives "
@@ -297,7 +301,7 @@ def main() -> int:
     if args.step == "train":
         train_folds(data_dir, args.out, args.folds, args.max_minutes, args.threads, args.epochs,
                     args.last_epoch, not args.single_image_selection, args.seed,
-                    args.working_height)
+                    args.working_height, args.arch)
     pool(data_dir, args.out, args.ensemble)
     return 0
 
