@@ -18,7 +18,7 @@ import csv
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pydicom
@@ -99,7 +99,7 @@ def read_pairs(pairs: Path) -> dict[str, tuple[str, str]]:
     return {row["path"]: (row["patient_id"], row["side"].strip().upper()) for row in rows}
 
 
-def has_bilateral_rule(classifier: Classifier) -> bool:
+def has_bilateral_rule(classifier: Classifier) -> TypeGuard[MammoPatchClassifier]:
     """Whether the model scores a breast against the other one (``patch_model.bilateral_*``)."""
     return (isinstance(classifier, MammoPatchClassifier)
             and classifier.settings.bilateral_lambda > 0)
@@ -118,9 +118,7 @@ def found_pairs(data_dir: Path, files: list[tuple[Path, str]]
             pass  # a labels.csv of another layout says nothing about pairs
     found: dict[str, tuple[str, str]] = {}
     for path, _ in files:
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-            continue
-        try:
+        try:  # a PNG or JPEG has no DICM preamble: refused after its first 132 bytes
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
             continue  # image_from_file reports an unreadable file when it reads the pixels
@@ -136,7 +134,7 @@ def compare_breasts(
 ) -> tuple[list[Prediction], int]:
     """Each image with a partner (same ``patient_id``, the other ``side``) compared with it by
     the model's bilateral rule, as the node compares a study's two breasts; the count compared."""
-    if not (isinstance(classifier, MammoPatchClassifier) and has_bilateral_rule(classifier)):
+    if not has_bilateral_rule(classifier):
         raise EvaluationError(f"model {classifier.card.name} has no bilateral rule "
                               "(patch_model.bilateral_lambda): --pairs does not apply")
     by_breast: dict[tuple[str, str], list[int]] = {}

@@ -62,14 +62,6 @@ PATCH_NETWORK_PARAMS: dict[str, Any] = {
     "blocks_per_stage": 1, "dropout": 0.3, "stem_pool": True,
 }
 
-
-def patch_network_params(architecture: str, patch: int) -> dict[str, Any]:
-    """Constructor arguments of the patch network: the recipe's BusiCNN widths, or any other
-    architecture of ``inference.networks`` at the ``patch`` size, one grey channel and the three
-    patch classes (tissue, benign lesion, malignant lesion)."""
-    if architecture == "BusiCNN":
-        return dict(PATCH_NETWORK_PARAMS)
-    return {"in_channels": 1, "num_classes": 3, "input_size": patch}
 #: The bilateral rule's weight of the other breast: 1, fixed before the cross-validation of
 #: ``bench/mg_cv.py`` measured it (AUC +0.12 over the single-image rule, docs/MODELS.md).
 BILATERAL_LAMBDA = 1.0
@@ -85,6 +77,15 @@ def recipe_settings(patch: int = 64, working_height: int = WORKING_HEIGHT) -> Pa
     """The MG recipe's patch settings: ``patch`` pixels, a quarter-patch stride, bilateral."""
     return PatchSettings(working_height=working_height, patch=patch,
                          stride=max(4, patch // 4), bilateral_lambda=BILATERAL_LAMBDA)
+
+
+def patch_network_params(architecture: str, patch: int) -> dict[str, Any]:
+    """Constructor arguments of the patch network: the recipe's BusiCNN widths, or any other
+    architecture of ``inference.networks`` at the ``patch`` size, one grey channel and the three
+    patch classes (tissue, benign lesion, malignant lesion)."""
+    if architecture == "BusiCNN":
+        return dict(PATCH_NETWORK_PARAMS)
+    return {"in_channels": 1, "num_classes": 3, "input_size": patch}
 
 
 @dataclass
