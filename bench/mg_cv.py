@@ -97,7 +97,8 @@ def image_abnormalities(data_dir: Path) -> dict[str, str]:
 
 def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threads: int,
                 epochs: int, last_epoch: bool, bilateral_selection: bool, seed: int,
-                working_height: int | None, architecture: str = "BusiCNN") -> None:
+                working_height: int | None, architecture: str = "BusiCNN",
+                patch: int | None = None) -> None:
     import torch
     from monai.utils import set_determinism
 
@@ -116,8 +117,9 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
     samples = development_samples(data_dir)
     sides = image_sides(data_dir)
     parts = folds_of(samples, folds, SEED)
-    settings = (recipe_settings() if working_height is None
-                else recipe_settings(working_height=working_height))
+    settings = recipe_settings(
+        **({} if patch is None else {"patch": patch}),
+        **({} if working_height is None else {"working_height": working_height}))
     if not bilateral_selection:
         settings = PatchSettings(**{**settings.as_dict(), "bilateral_lambda": 0.0})
     architecture = resolve_architecture(architecture)
@@ -192,10 +194,10 @@ def bootstrap_by_woman(images: list[dict[str, Any]],
     draws = []
     for _ in range(rounds):
         chosen = rng.choice(len(patients), size=len(patients), replace=True)
-        index = np.array([i for c in chosen for i in members[patients[c]]])
-        if truth[index].all() or not truth[index].any():
+        drawn = np.array([i for c in chosen for i in members[patients[c]]])
+        if truth[drawn].all() or not truth[drawn].any():
             continue
-        draws.append(statistic(truth, index))
+        draws.append(statistic(truth, drawn))
     low, high = np.percentile(draws, [2.5, 97.5])
     return statistic(truth, np.arange(len(images))), float(low), float(high)
 
@@ -290,6 +292,9 @@ def main() -> int:
     parser.add_argument("--working-height", type=int, default=None,
                         help="rows of the working image (default: the recipe's; 256 gives "
                              "800 micron pixels on mini-MIAS, 512 400 micron)")
+    parser.add_argument("--patch", type=int, default=None,
+                        help="patch side in working pixels (default: the recipe's 64; the "
+                             "grid stride is a quarter of it)")
     parser.add_argument("--seed", type=int, default=SEED,
                         help="training seed of fold 0 (fold k: seed + k); the folds stay fixed")
     parser.add_argument("--single-image-selection", action="store_true",
@@ -301,7 +306,7 @@ def main() -> int:
     if args.step == "train":
         train_folds(data_dir, args.out, args.folds, args.max_minutes, args.threads, args.epochs,
                     args.last_epoch, not args.single_image_selection, args.seed,
-                    args.working_height, args.arch)
+                    args.working_height, args.arch, args.patch)
     pool(data_dir, args.out, args.ensemble)
     return 0
 
