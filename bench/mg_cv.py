@@ -144,7 +144,7 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
             select_epoch=not last_epoch,
         )
         records = build_records(data_dir, held, MIAS_LABELS, settings)
-        outputs = image_outputs(run.network, records, settings)
+        outputs = image_outputs(run.network, records, settings, desc=f"score fold {fold}")
         images = [
             {"path": r.sample.path, "patient": r.sample.group, "side": sides[r.sample.path],
              "target": r.target, "p": probabilities, "centres": r.grid,

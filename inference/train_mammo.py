@@ -198,10 +198,14 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 def image_outputs(
     network: nn.Module, records: Sequence[ViewRecord], settings: PatchSettings, views: int = 1,
+    desc: str | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(N, 3) patch probabilities and (N, D) embeddings of every record's grid."""
+    """(N, 3) patch probabilities and (N, D) embeddings of every record's grid; with ``desc``,
+    a progress bar over the images (scoring a split's grids takes minutes for the heavier
+    patch networks)."""
     results = []
-    for record in records:
+    for record in (records if desc is None
+                   else tqdm(records, desc=desc, unit="img", leave=False)):
         patches = cut_patches(record.pad, record.grid, settings.patch)
         results.append(patch_forward(network, patches, views=views))
     return results
@@ -463,7 +467,8 @@ def finish_patch_model(network: nn.Module, records: dict[str, list[ViewRecord]],
     top_k_scores: dict[str, float] = {}
     val_by_views = {}
     for views in VIEW_CHOICES:
-        val_by_views[views] = image_outputs(network, records["val"], settings, views)
+        val_by_views[views] = image_outputs(network, records["val"], settings, views,
+                                            desc=f"score val grids ({views} view(s))")
         for k in TOP_K_CHOICES:
             top_k_scores[f"views={views} top_k={k}"] = image_auc(
                 val_by_views[views], val_targets, k, val_women, settings.bilateral_lambda)
@@ -486,7 +491,8 @@ def finish_patch_model(network: nn.Module, records: dict[str, list[ViewRecord]],
     probabilities: dict[str, np.ndarray] = {}
     for part in ("train", "val", "test"):
         outputs = (val_outputs if part == "val"
-                   else image_outputs(network, records[part], settings, settings.views))
+                   else image_outputs(network, records[part], settings, settings.views,
+                                      desc=f"score {part} grids"))
         rows, vectors, scores = [], [], []
         for patch_probabilities, patch_embeddings in outputs:
             image_p, top = image_probabilities(patch_probabilities, settings)
@@ -546,7 +552,8 @@ def score_splits(network: nn.Module, data_dir: Path, split: dict[str, list[Sampl
     for part in parts:
         records = build_records(data_dir, split[part], labels, settings)
         rows, scores = [], []
-        for patch_probabilities, _ in image_outputs(network, records, settings, settings.views):
+        for patch_probabilities, _ in image_outputs(network, records, settings, settings.views,
+                                                    desc=f"score {part} grids"):
             image_p, top = image_probabilities(patch_probabilities, settings)
             rows.append(image_p)
             scores.append(top_score(patch_probabilities, top))
