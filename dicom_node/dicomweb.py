@@ -464,7 +464,7 @@ class DicomwebService:
                     received = received.where(Instance.sop_instance_uid == sop_instance_uid)
                     made = made.where(ResultObject.sop_instance_uid == sop_instance_uid)
                 for study, series, sop, sop_class, modality, number, syntax, path in (
-                    session.execute(received).tuples()
+                    session.execute(received)
                 ):
                     records.append(
                         Record(
@@ -472,7 +472,7 @@ class DicomwebService:
                             self.settings.store_dir / path,
                         )
                     )
-                for row in session.execute(made).tuples():
+                for row in session.execute(made):
                     records.append(Record(*row[:8], path=self.settings.results_dir / row[8]))
         records.sort(
             key=lambda r: (r.study_instance_uid, r.series_instance_uid, r.instance_number or 0,
