@@ -57,6 +57,7 @@ from inference.metrics import evaluation_metrics, fit_temperature, softmax
 from inference.networks import build_network, resolve_architecture
 from inference.ood import MahalanobisScorer
 from inference.paths import shared_data_dir
+from inference.schedule import budget_fraction, learning_rate
 from inference.transforms import (
     BatchHistologyAugment,
     augment_transform,
@@ -224,25 +225,6 @@ def _split_summary(split: dict[str, list[Sample]]) -> dict[str, Any]:
         }
         for name, samples in split.items()
     }
-
-
-def _progress(step: int, total_steps: int, elapsed: float, deadline: float) -> float:
-    """Fraction of the training budget used: by steps or by wall time, whichever is further."""
-    return max(step / max(total_steps, 1), elapsed / max(deadline, 1e-9))
-
-
-def _learning_rate(
-    peak: float, step: int, warmup_steps: int, total_steps: int, elapsed: float, deadline: float
-) -> float:
-    """Linear warm-up, then cosine decay to 1% of ``peak`` over the budget (steps or time).
-
-    Driving the cosine by wall time as well as steps lets a run on a busy shared CPU still
-    finish its annealing inside the time budget (at the cost of bit-exact reproducibility).
-    """
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(_progress(step, total_steps, elapsed, deadline), 1.0)
-    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def selection_score(metrics: dict[str, Any], modality: str) -> float:
@@ -504,7 +486,7 @@ def train(
             seen = 0
             for images, targets in train_loader:
                 elapsed = time.monotonic() - started
-                current_lr = _learning_rate(lr, step, warmup_steps, total_steps, elapsed, deadline)
+                current_lr = learning_rate(lr, step, warmup_steps, total_steps, elapsed, deadline)
                 for group in optimizer.param_groups:
                     group["lr"] = current_lr
                 optimizer.zero_grad(set_to_none=True)
@@ -546,7 +528,7 @@ def train(
             if epoch - best_epoch >= patience:
                 stop_reason = f"early stop: no better validation score for {patience} epochs"
                 break
-            if _progress(step, total_steps, time.monotonic() - started, deadline) >= 1.0:
+            if budget_fraction(step, total_steps, time.monotonic() - started, deadline) >= 1.0:
                 if step < total_steps:
                     stop_reason = f"wall-time budget of {max_minutes} minutes reached"
                 break

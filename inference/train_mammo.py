@@ -55,6 +55,7 @@ from inference.mammo_patches import (
 )
 from inference.metrics import evaluation_metrics
 from inference.networks import build_network
+from inference.schedule import budget_fraction, learning_rate
 
 #: The recipe's patch network (BusiCNN's parameters).
 PATCH_NETWORK_PARAMS: dict[str, Any] = {
@@ -388,10 +389,8 @@ def train_patch_model(
             index = order[start : start + batch_size]
             if len(index) < 2:
                 continue
-            elapsed = time.monotonic() - started
-            fraction = min(max(step / max(total_steps, 1), elapsed / max(deadline, 1e-9)), 1.0)
-            current = (lr * (step + 1) / warmup if step < warmup
-                       else lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * fraction))))
+            current = learning_rate(lr, step, warmup, total_steps, time.monotonic() - started,
+                                    deadline)
             for group in optimizer.param_groups:
                 group["lr"] = current
             optimizer.zero_grad(set_to_none=True)
@@ -422,7 +421,7 @@ def train_patch_model(
         if select_epoch and epoch - best_epoch >= patience:
             stop_reason = f"early stop: no better validation score for {patience} epochs"
             break
-        if time.monotonic() - started >= deadline or step >= total_steps:
+        if budget_fraction(step, total_steps, time.monotonic() - started, deadline) >= 1.0:
             if step < total_steps:
                 stop_reason = f"wall-time budget of {max_minutes} minutes reached"
             break
