@@ -98,7 +98,7 @@ def image_abnormalities(data_dir: Path) -> dict[str, str]:
 def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threads: int,
                 epochs: int, last_epoch: bool, bilateral_selection: bool, seed: int,
                 working_height: int | None, architecture: str = "BusiCNN",
-                patch: int | None = None) -> None:
+                patch: int | None = None, select_by: str = "image+patch") -> None:
     import torch
     from monai.utils import set_determinism
 
@@ -141,7 +141,7 @@ def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threa
             data_dir, split, MIAS_LABELS, architecture=architecture, params=params,
             settings=settings, epochs=epochs, lr=2e-3, weight_decay=0.05, batch_size=64,
             patience=15, max_minutes=max_minutes, seed=seed + fold, started=started,
-            select_epoch=not last_epoch,
+            select_epoch=not last_epoch, select_by=select_by,
         )
         records = build_records(data_dir, held, MIAS_LABELS, settings)
         outputs = image_outputs(run.network, records, settings, desc=f"score fold {fold}")
@@ -299,6 +299,9 @@ def main() -> int:
                         help="training seed of fold 0 (fold k: seed + k); the folds stay fixed")
     parser.add_argument("--single-image-selection", action="store_true",
                         help="choose the epoch and top_k by the single-image AUC (the first run)")
+    parser.add_argument("--select-by", choices=("image+patch", "patch"), default="image+patch",
+                        help="inner-validation score that chooses the epoch (default: the "
+                             "recipe's mean of image and patch AUC)")
     parser.add_argument("--last-epoch", action="store_true",
                         help="keep the last epoch's weights instead of the inner-validation best")
     args = parser.parse_args()
@@ -306,7 +309,7 @@ def main() -> int:
     if args.step == "train":
         train_folds(data_dir, args.out, args.folds, args.max_minutes, args.threads, args.epochs,
                     args.last_epoch, not args.single_image_selection, args.seed,
-                    args.working_height, args.arch, args.patch)
+                    args.working_height, args.arch, args.patch, args.select_by)
     pool(data_dir, args.out, args.ensemble)
     return 0
 

@@ -334,10 +334,15 @@ def train_patch_model(
     batch_size: int, patience: int, max_minutes: float, seed: int, started: float,
     per_lesion: int = 10, negatives_per_lesion: int = 10, hard_after: int = 4,
     hard_every: int = 3, hard_images: int = 40, select_epoch: bool = True,
+    select_by: str = "image+patch",
 ) -> MammoRun:
     """Train, select, pool and calibrate; see the module docstring. With ``select_epoch``
     False the last epoch's weights are kept (validation still chooses top_k and calibrates):
-    ``bench/mg_cv.py`` measured that 36-42 validation images choose the epoch by noise."""
+    ``bench/mg_cv.py`` measured that 36-42 validation images choose the epoch by noise.
+    ``select_by``: the validation score that chooses the epoch, ``"image+patch"`` (the mean of
+    the image AUC and the patch AUC, the recipe) or ``"patch"`` (the patch AUC alone)."""
+    if select_by not in ("image+patch", "patch"):
+        raise ValueError(f"select_by must be 'image+patch' or 'patch', not {select_by!r}")
     loading = tqdm(total=sum(len(v) for v in split.values()), desc="load mini-mias",
                    unit="img", leave=False)
     records = {part: build_records(data_dir, items, labels, settings, loading.update)
@@ -406,7 +411,7 @@ def train_patch_model(
         val_image_auc = image_auc(outputs, val_targets, settings.top_k, val_women,
                                   settings.bilateral_lambda)
         val_patch = patch_auc(ema.module, records["val"], settings)
-        score = 0.5 * (val_image_auc + val_patch)
+        score = val_patch if select_by == "patch" else 0.5 * (val_image_auc + val_patch)
         history.append({
             "epoch": epoch, "train_loss": running / max(seen, 1), "val_image_auc": val_image_auc,
             "val_patch_auc": val_patch, "val_score": score, "lr": current,
