@@ -400,3 +400,15 @@ def test_recalibrate_fits_the_operating_point_on_out_of_fold_maps(
     write_fold(leaky / "fold0.npz", maps(development + split["test"][:1]))
     with pytest.raises(ValueError, match="test split"):
         recalibrate(tiny_model, [leaky], tmp_path / "out2", data_dir=tiny_mias, threads=1)
+
+
+def test_an_unknown_epoch_choice_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    from inference.train_mammo import recipe_settings, train_patch_model
+
+    with pytest.raises(ValueError, match="select_by"):
+        train_patch_model(
+            tmp_path / "absent", {"train": [], "val": [], "test": []}, MIAS_LABELS,
+            architecture="BusiCNN", params=patch_network_params("BusiCNN", 64),
+            settings=recipe_settings(), epochs=1, lr=1e-3, weight_decay=0.0, batch_size=8,
+            patience=1, max_minutes=1.0, seed=0, started=0.0, select_by="val_loss",
+        )
