@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inference.datasets import MIAS_LABELS, Sample, read_mias, split_by_group  # noqa: E402
 from inference.mammo_cv import load_ensemble, load_images, write_fold  # noqa: E402
 from inference.paths import shared_data_dir  # noqa: E402
+from inference.train_mammo import EPOCH_SCORES, EpochScore  # noqa: E402
 
 FOLDS = 4
 SEED = 0
@@ -98,7 +99,7 @@ def image_abnormalities(data_dir: Path) -> dict[str, str]:
 def train_folds(data_dir: Path, out: Path, folds: int, max_minutes: float, threads: int,
                 epochs: int, last_epoch: bool, bilateral_selection: bool, seed: int,
                 working_height: int | None, architecture: str = "BusiCNN",
-                patch: int | None = None, select_by: str = "image+patch") -> None:
+                patch: int | None = None, select_by: EpochScore = "image+patch") -> None:
     import torch
     from monai.utils import set_determinism
 
@@ -299,7 +300,7 @@ def main() -> int:
                         help="training seed of fold 0 (fold k: seed + k); the folds stay fixed")
     parser.add_argument("--single-image-selection", action="store_true",
                         help="choose the epoch and top_k by the single-image AUC (the first run)")
-    parser.add_argument("--select-by", choices=("image+patch", "patch"), default="image+patch",
+    parser.add_argument("--select-by", choices=EPOCH_SCORES, default=EPOCH_SCORES[0],
                         help="inner-validation score that chooses the epoch (default: the "
                              "recipe's mean of image and patch AUC)")
     parser.add_argument("--last-epoch", action="store_true",

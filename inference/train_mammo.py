@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,6 +71,10 @@ BILATERAL_LAMBDA = 1.0
 #: of their runs' patch maps: 0.554 and 0.632; bilateral 0.609 and 0.682), docs/MODELS.md.
 WORKING_HEIGHT = 512
 TOP_K_CHOICES: tuple[int, ...] = (1, 2, 3, 5, 8)
+#: What chooses the epoch on validation: the mean of the image AUC and the patch AUC (the
+#: recipe), or the patch AUC alone (cross-validated lower, docs/MODELS.md).
+EpochScore = Literal["image+patch", "patch"]
+EPOCH_SCORES: tuple[EpochScore, ...] = ("image+patch", "patch")
 VIEW_CHOICES: tuple[int, ...] = (1, 4)
 
 
@@ -334,15 +338,15 @@ def train_patch_model(
     batch_size: int, patience: int, max_minutes: float, seed: int, started: float,
     per_lesion: int = 10, negatives_per_lesion: int = 10, hard_after: int = 4,
     hard_every: int = 3, hard_images: int = 40, select_epoch: bool = True,
-    select_by: str = "image+patch",
+    select_by: EpochScore = "image+patch",
 ) -> MammoRun:
     """Train, select, pool and calibrate; see the module docstring. With ``select_epoch``
     False the last epoch's weights are kept (validation still chooses top_k and calibrates):
     ``bench/mg_cv.py`` measured that 36-42 validation images choose the epoch by noise.
     ``select_by``: the validation score that chooses the epoch, ``"image+patch"`` (the mean of
     the image AUC and the patch AUC, the recipe) or ``"patch"`` (the patch AUC alone)."""
-    if select_by not in ("image+patch", "patch"):
-        raise ValueError(f"select_by must be 'image+patch' or 'patch', not {select_by!r}")
+    if select_by not in EPOCH_SCORES:
+        raise ValueError(f"select_by must be one of {EPOCH_SCORES}, not {select_by!r}")
     loading = tqdm(total=sum(len(v) for v in split.values()), desc="load mini-mias",
                    unit="img", leave=False)
     records = {part: build_records(data_dir, items, labels, settings, loading.update)
